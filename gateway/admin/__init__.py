@@ -1,0 +1,1 @@
+"""The admin listener: key management API, OpenAPI document (metrics and health later)."""

@@ -1,0 +1,199 @@
+"""Native management API (DESIGN §8): /v1/keys on the admin listener."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import Outcome, invalid, problem
+from gateway.store import input as key_input
+from gateway.store.keystore import BadCursor, Issued, KeyExists
+from gateway.store.record import KeyRecord
+
+from .body import read_object
+from .caller import Caller, Denied, authorize
+from .context import STORE
+
+MAX_PAGE = 1000
+MAX_GRACE_SECONDS = 30 * 86_400
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _parse(body: dict[str, Any], mode: key_input.Mode) -> dict[str, Any]:
+    try:
+        return key_input.parse(body, mode, _now_ms())
+    except key_input.InvalidInput as exc:
+        raise Denied(invalid(exc.errors)) from None
+
+
+def _key_id(request: web.Request) -> str:
+    """The path id; anything that is not a UUID cannot name a key (404, like a miss)."""
+    raw = request.match_info["key_id"]
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise Denied(_not_found()) from None
+
+
+def _not_found() -> web.Response:
+    # The same answer for "no such key" and "a key in a workspace you cannot see", so ids
+    # of other workspaces cannot be probed.
+    return problem(Outcome.NOT_FOUND, "no API key with this id")
+
+
+def _render(record: KeyRecord, caller: Caller, secret: str | None = None) -> dict[str, Any]:
+    body = record.to_json(caller.now_ms)
+    if secret is not None:
+        body["key"] = secret
+    return body
+
+
+async def _create(request: web.Request, mode: key_input.Mode) -> web.Response:
+    caller = await authorize(request, "apikeys:create")
+    values = _parse(await read_object(request), mode)
+    values.setdefault("workspace_id", caller.record.workspace_id)
+    values.setdefault("user_id", caller.record.user_id)
+    caller.require_workspace(values["workspace_id"])
+    caller.require_grantable(values.get("scopes", ()))
+    secret, sha256 = values.pop("key", None), values.pop("sha256", None)
+    try:
+        issued: Issued = await request.app[STORE].create(values, secret=secret, sha256=sha256)
+    except KeyExists:
+        return problem(Outcome.CONFLICT, "a key with this secret already exists")
+    return web.json_response(
+        _render(issued.record, caller, issued.secret),
+        status=201,
+        headers={"Location": f"/v1/keys/{issued.record.id}"},
+    )
+
+
+async def create_key(request: web.Request) -> web.Response:
+    return await _create(request, "create")
+
+
+async def import_key(request: web.Request) -> web.Response:
+    return await _create(request, "import")
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise Denied(invalid([(name, "must be true or false")]))
+    return raw in ("true", "1")
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    caller = await authorize(request, "apikeys:view")
+    query = request.query
+    unknown = set(query) - {"workspace_id", "user_id", "include_disabled", "limit", "cursor"}
+    if unknown:
+        raise Denied(invalid([(name, "unknown query parameter") for name in sorted(unknown)]))
+    workspace = query.get("workspace_id")
+    if workspace is not None:
+        caller.require_workspace(workspace)
+    else:
+        workspace = caller.visible_workspace
+    user_id = query.get("user_id")
+    if user_id is not None:
+        try:
+            user_id = str(uuid.UUID(user_id))
+        except ValueError:
+            raise Denied(invalid([("user_id", "must be a UUID")])) from None
+    raw_limit = query.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+        raise Denied(invalid([("limit", f"must be an integer from 1 to {MAX_PAGE}")]))
+    try:
+        page = await request.app[STORE].list(
+            workspace_id=workspace,
+            user_id=user_id,
+            include_disabled=_flag(request, "include_disabled"),
+            limit=int(raw_limit),
+            cursor=query.get("cursor"),
+        )
+    except BadCursor as exc:
+        raise Denied(invalid([("cursor", str(exc))])) from None
+    return web.json_response(
+        {"data": [_render(r, caller) for r in page.records], "next_cursor": page.next_cursor}
+    )
+
+
+async def get_key(request: web.Request) -> web.Response:
+    caller = await authorize(request, "apikeys:view")
+    record = await request.app[STORE].get(_key_id(request), caller.visible_workspace)
+    if record is None:
+        return _not_found()
+    return web.json_response(_render(record, caller))
+
+
+async def _manageable(request: web.Request, caller: Caller) -> str:
+    """The path's key id, if the caller sees that key and holds every scope it has.
+
+    Without the second rule a key with ``apikeys:update`` could rotate an admin key of its
+    workspace and receive that key's new secret.
+    """
+    key_id = _key_id(request)
+    target = await request.app[STORE].get(key_id, caller.visible_workspace)
+    if target is None:
+        raise Denied(_not_found())
+    caller.require_grantable(target.scopes)
+    return key_id
+
+
+async def update_key(request: web.Request) -> web.Response:
+    caller = await authorize(request, "apikeys:update")
+    values = _parse(await read_object(request), "update")
+    key_id = await _manageable(request, caller)
+    if values.get("scopes"):
+        caller.require_grantable(values["scopes"])
+    record = await request.app[STORE].update(key_id, values, caller.visible_workspace)
+    if record is None:
+        return _not_found()
+    return web.json_response(_render(record, caller))
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    caller = await authorize(request, "apikeys:delete")
+    key_id = await _manageable(request, caller)
+    if not await request.app[STORE].revoke(key_id, caller.visible_workspace):
+        return _not_found()
+    return web.Response(status=204)
+
+
+async def rotate_key(request: web.Request) -> web.Response:
+    caller = await authorize(request, "apikeys:update")
+    body = await read_object(request, optional=True)
+    unknown = set(body) - {"grace_seconds"}
+    if unknown:
+        raise Denied(invalid([(name, "unknown field") for name in sorted(unknown)]))
+    grace = body.get("grace_seconds", 0)
+    if (
+        isinstance(grace, bool)
+        or not isinstance(grace, int | float)
+        or not math.isfinite(grace)
+        or not 0 <= grace <= MAX_GRACE_SECONDS
+    ):
+        raise Denied(
+            invalid([("grace_seconds", f"must be a number from 0 to {MAX_GRACE_SECONDS}")])
+        )
+    key_id = await _manageable(request, caller)
+    issued = await request.app[STORE].rotate(key_id, float(grace), caller.visible_workspace)
+    if issued is None:
+        return _not_found()
+    return web.json_response(_render(issued.record, caller, issued.secret))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/keys", create_key)
+    app.router.add_post("/v1/keys/import", import_key)
+    app.router.add_get("/v1/keys", list_keys, allow_head=False)
+    app.router.add_get("/v1/keys/{key_id}", get_key, allow_head=False)
+    app.router.add_patch("/v1/keys/{key_id}", update_key)
+    app.router.add_delete("/v1/keys/{key_id}", revoke_key)
+    app.router.add_post("/v1/keys/{key_id}/rotate", rotate_key)

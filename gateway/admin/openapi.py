@@ -1,0 +1,303 @@
+"""The OpenAPI 3.1 document of the admin listener, built from the same field specs that
+validate requests, so the document and the behaviour cannot drift apart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from gateway import __version__
+from gateway.store.input import fields_for
+from gateway.store.record import KEY_TYPES, PERIODS
+
+from .keys import MAX_GRACE_SECONDS, MAX_PAGE
+
+_NULLABLE_STRING = {"type": ["string", "null"]}
+_NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
+_MONEY = {"type": "number", "minimum": 0}
+
+
+def _input_schema(mode: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {spec.name: spec.json_schema() for spec in fields_for(mode)},
+    }
+
+
+def _key_schema(with_secret: bool) -> dict[str, Any]:
+    properties: dict[str, Any] = {
+        "id": {"type": "string", "format": "uuid"},
+        "name": _NULLABLE_STRING,
+        "prefix": {"type": "string", "description": "Leading characters of the secret."},
+        "label": {"type": "string", "description": "Masked form, e.g. kg_7fK2...x9Qa."},
+        "hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "user_id": {"type": "string", "format": "uuid"},
+        "workspace_id": {"type": "string"},
+        "team_name": _NULLABLE_STRING,
+        "type": {"type": "string", "enum": list(KEY_TYPES)},
+        "scopes": {"type": "array", "items": {"type": "string"}},
+        "resources": {"type": ["array", "null"], "items": {"type": "string"}},
+        "disabled": {"type": "boolean"},
+        "status": {"type": "string", "enum": ["active", "disabled", "expired"]},
+        "expires_at": _NULLABLE_TIME,
+        "created_at": {"type": "string", "format": "date-time"},
+        "updated_at": {"type": "string", "format": "date-time"},
+        "last_used_at": _NULLABLE_TIME,
+        "total_uses": {"type": "integer", "minimum": 0},
+        "limit": {"type": ["number", "null"], "minimum": 0},
+        "limit_reset": {"type": ["string", "null"], "enum": [*PERIODS, None]},
+        "include_byok_in_limit": {"type": "boolean"},
+        "spend_caps": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["amount", "period"],
+                "additionalProperties": False,
+                "properties": {
+                    "amount": _MONEY,
+                    "period": {"type": "string", "enum": [*PERIODS, "total"]},
+                },
+            },
+        },
+        "rate_limit": {
+            "type": ["object", "null"],
+            "required": ["requests", "period_seconds"],
+            "additionalProperties": False,
+            "properties": {
+                "requests": {"type": "integer", "minimum": 1},
+                "period_seconds": {"type": "number", "exclusiveMinimum": 0},
+            },
+        },
+        "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+        "imported": {"type": "boolean", "description": "Adopted from an existing secret or hash."},
+    }
+    if with_secret:
+        properties["key"] = {"type": "string", "description": "The secret. Shown only here, once."}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": list(properties),
+        "properties": properties,
+    }
+
+
+def _problem(status: int, text: str) -> dict[str, Any]:
+    return {
+        "description": text,
+        "content": {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        },
+    }
+
+
+_ERRORS = {
+    "400": "Invalid input; the problem names the field.",
+    "401": "Missing, unknown, revoked or expired API key.",
+    "403": "Key disabled, scope missing, another workspace, or scopes beyond the caller's.",
+    "404": "No such key visible to the caller.",
+    "409": "A key with this secret already exists.",
+    "413": "Body over the configured limit.",
+    "415": "Body is not application/json.",
+    "503": "Key store unavailable.",
+}
+
+
+def _responses(ok: dict[str, Any], *statuses: str) -> dict[str, Any]:
+    responses = dict(ok)
+    for status in ("400", "401", "403", "503", *statuses):
+        responses[status] = _problem(int(status), _ERRORS[status])
+    return responses
+
+
+def _json(ref: str, text: str) -> dict[str, Any]:
+    return {
+        "description": text,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
+    }
+
+
+def _body(ref: str, required: bool = True) -> dict[str, Any]:
+    return {
+        "required": required,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
+    }
+
+
+_KEY_ID = {
+    "name": "key_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "format": "uuid"},
+}
+
+
+def document() -> dict[str, Any]:
+    """The whole OpenAPI 3.1 document as a JSON-ready dict."""
+    import_schema = _input_schema("import")
+    import_schema["oneOf"] = [
+        {"required": ["key"], "not": {"required": ["sha256"]}},
+        {"required": ["sha256"], "not": {"required": ["key"]}},
+    ]
+    update_schema = {**_input_schema("update"), "minProperties": 1}
+    list_params = [
+        {
+            "name": "workspace_id",
+            "in": "query",
+            "schema": {"type": "string"},
+            "description": "Another workspace than the caller's needs org:admin.",
+        },
+        {"name": "user_id", "in": "query", "schema": {"type": "string", "format": "uuid"}},
+        {
+            "name": "include_disabled",
+            "in": "query",
+            "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
+        },
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 100},
+        },
+        {
+            "name": "cursor",
+            "in": "query",
+            "schema": {"type": "string"},
+            "description": "next_cursor of the previous page.",
+        },
+    ]
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "keygate admin API",
+            "version": __version__,
+            "description": "Manage API keys. Every call needs a keygate key with the "
+            "matching apikeys:* scope; org:admin sees every workspace.",
+        },
+        "security": [{"bearer": []}, {"apiKeyHeader": []}],
+        "paths": {
+            "/v1/keys": {
+                "post": {
+                    "operationId": "createKey",
+                    "summary": "Create a key",
+                    "requestBody": _body("KeyCreate"),
+                    "responses": _responses(
+                        {"201": _json("KeyWithSecret", "Created; `key` is the secret.")},
+                        "413",
+                        "415",
+                    ),
+                },
+                "get": {
+                    "operationId": "listKeys",
+                    "summary": "List keys",
+                    "parameters": list_params,
+                    "responses": _responses({"200": _json("KeyList", "One page of keys.")}),
+                },
+            },
+            "/v1/keys/import": {
+                "post": {
+                    "operationId": "importKey",
+                    "summary": "Adopt an existing secret or sha256",
+                    "requestBody": _body("KeyImport"),
+                    "responses": _responses(
+                        {"201": _json("Key", "Imported.")}, "409", "413", "415"
+                    ),
+                },
+            },
+            "/v1/keys/{key_id}": {
+                "parameters": [_KEY_ID],
+                "get": {
+                    "operationId": "getKey",
+                    "summary": "Show a key",
+                    "responses": _responses({"200": _json("Key", "The key.")}, "404"),
+                },
+                "patch": {
+                    "operationId": "updateKey",
+                    "summary": "Change only the given fields",
+                    "requestBody": _body("KeyUpdate"),
+                    "responses": _responses(
+                        {"200": _json("Key", "The key after the change.")}, "404", "413", "415"
+                    ),
+                },
+                "delete": {
+                    "operationId": "revokeKey",
+                    "summary": "Revoke a key everywhere",
+                    "responses": _responses({"204": {"description": "Revoked."}}, "404"),
+                },
+            },
+            "/v1/keys/{key_id}/rotate": {
+                "parameters": [_KEY_ID],
+                "post": {
+                    "operationId": "rotateKey",
+                    "summary": "New secret, same id and usage",
+                    "requestBody": _body("Rotate", required=False),
+                    "responses": _responses(
+                        {"200": _json("KeyWithSecret", "Rotated.")}, "404", "413", "415"
+                    ),
+                },
+            },
+        },
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            },
+            "schemas": {
+                "KeyCreate": _input_schema("create"),
+                "KeyImport": import_schema,
+                "KeyUpdate": update_schema,
+                "Rotate": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "grace_seconds": {
+                            "type": "number",
+                            "minimum": 0,
+                            "maximum": MAX_GRACE_SECONDS,
+                            "description": "How long the old secret keeps working.",
+                        }
+                    },
+                },
+                "Key": _key_schema(False),
+                "KeyWithSecret": _key_schema(True),
+                "KeyList": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["data", "next_cursor"],
+                    "properties": {
+                        "data": {"type": "array", "items": {"$ref": "#/components/schemas/Key"}},
+                        "next_cursor": _NULLABLE_STRING,
+                    },
+                },
+                "Problem": {
+                    "type": "object",
+                    "required": ["type", "title", "status", "detail", "code"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "title": {"type": "string"},
+                        "status": {"type": "integer"},
+                        "detail": {"type": "string"},
+                        "code": {"type": "string"},
+                        "errors": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["field", "detail"],
+                                "properties": {
+                                    "field": {"type": "string"},
+                                    "detail": {"type": "string"},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    }
+
+
+async def serve_document(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
+
+
+OPENAPI = web.AppKey("openapi", dict)

@@ -1,0 +1,83 @@
+"""The ``keygate`` command: serve, check-config and key management."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import ConfigError, Settings, load
+from gateway.embedded import EmbeddedError
+
+from . import keys
+
+DEFAULT_CONFIG = Path("config/gateway.yaml")
+
+
+def _config_path(given: str | None) -> Path | None:
+    if given:
+        return Path(given)
+    if env := os.environ.get("KEYGATE_CONFIG"):
+        return Path(env)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_settings(given: str | None) -> Settings:
+    """Settings from --config, $KEYGATE_CONFIG or ./config/gateway.yaml; defaults if none."""
+    return load(_config_path(given))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keygate", description="API-key gateway.")
+    parser.add_argument("--version", action="version", version=f"keygate {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        "-c",
+        metavar="PATH",
+        help="config file (default: $KEYGATE_CONFIG, else ./config/gateway.yaml)",
+    )
+    serve = commands.add_parser("serve", parents=[common], help="run the gateway")
+    serve.set_defaults(run=_serve)
+    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("path", metavar="PATH")
+    check.set_defaults(run=_check_config)
+    keys.add_commands(commands, common)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway import logs, runtime
+
+    settings = load_settings(args.config)
+    logs.setup(settings.log)
+    runtime.with_redis(settings, lambda url: runtime.serve(settings, url), attach=False)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = load(Path(args.path))
+    print(
+        f"{args.path}: ok ({len(settings.upstreams)} upstreams, {len(settings.routes)} routes, "
+        f"redis {settings.redis.url})"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 2
+    except EmbeddedError as exc:
+        print(f"keygate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,614 @@
+"""Read gateway.yaml plus KEYGATE_* overrides into Settings, reporting every problem.
+
+Validation collects all problems (one line each, naming the path, e.g.
+``routes[2].upstream: unknown upstream 'llm2'``) instead of stopping at the first, so an
+operator fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar, cast
+from urllib.parse import SplitResult, urlsplit
+
+import yaml
+
+from gateway.config.model import (
+    CREDENTIAL_SOURCES,
+    DEFAULT_ADMIN_LISTEN,
+    DEFAULT_LISTEN,
+    DEFAULT_SOURCES,
+    DIALECTS,
+    HTTP_METHODS,
+    Address,
+    AdminSettings,
+    CostRule,
+    Dialect,
+    KeySettings,
+    LogSettings,
+    MetricsSettings,
+    RateLimit,
+    RedisSettings,
+    ResourceRule,
+    Route,
+    Settings,
+    Timeouts,
+    Upstream,
+)
+
+T = TypeVar("T")
+ENV_PREFIX = "KEYGATE_"
+_SECTIONS = ("redis", "keys", "admin", "metrics", "log")
+_TOP_SCALARS = ("listen", "admin_listen", "workers")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Reader:
+    """Typed access to raw YAML that records problems instead of raising."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def section(
+        self, raw: Mapping[str, Any], key: str, path: str, known: tuple[str, ...]
+    ) -> dict[str, Any]:
+        value = raw.get(key, {})
+        where = f"{path}{key}"
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(where, "must be a mapping")
+            return {}
+        self.unknown(value, where, known)
+        return value
+
+    def unknown(self, raw: Mapping[str, Any], path: str, known: tuple[str, ...]) -> None:
+        for key in raw:
+            if key not in known:
+                self.fail(_join(path, key), "unknown option")
+
+    def get(self, raw: Mapping[str, Any], key: str, path: str, kind: type[T], default: T) -> T:
+        if key not in raw or raw[key] is None:
+            return default
+        value = raw[key]
+        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            try:
+                value, ok = float(value), True
+            except OverflowError:  # too large for a float: inf, which number() refuses
+                value, ok = (math.inf if value > 0 else -math.inf), True
+        if not ok:
+            self.fail(_join(path, key), f"must be {_kind_name(kind)}")
+            return default
+        return cast(T, value)
+
+    def number(
+        self,
+        raw: Mapping[str, Any],
+        key: str,
+        path: str,
+        default: float,
+        *,
+        low: float = 0.0,
+        open_low: bool = False,
+    ) -> float:
+        value = self.get(raw, key, path, float, default)
+        where = _join(path, key)
+        if not math.isfinite(value) or value < low or (open_low and value == low):
+            self.fail(where, f"must be a finite number {'>' if open_low else '>='} {low:g}")
+            return default
+        return value
+
+    def integer(
+        self, raw: Mapping[str, Any], key: str, path: str, default: int, *, low: int
+    ) -> int:
+        value = self.get(raw, key, path, int, default)
+        if value < low:
+            self.fail(_join(path, key), f"must be an integer >= {low}")
+            return default
+        return value
+
+    def choice(
+        self, raw: Mapping[str, Any], key: str, path: str, allowed: tuple[str, ...], default: str
+    ) -> str:
+        value = self.get(raw, key, path, str, default)
+        if value not in allowed:
+            self.fail(_join(path, key), f"must be one of {', '.join(allowed)} (got {value!r})")
+            return default
+        return value
+
+    def strings(
+        self, raw: Mapping[str, Any], key: str, path: str, default: tuple[str, ...]
+    ) -> tuple[str, ...]:
+        value = raw.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            self.fail(_join(path, key), "must be a list of strings")
+            return default
+        return tuple(value)
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _kind_name(kind: type) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        dict: "a mapping",
+        list: "a list",
+    }.get(kind, kind.__name__)
+
+
+_HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+(%[A-Za-z0-9._-]+)?\]")
+
+
+def parse_address(text: str) -> Address:
+    """``host:port`` or ``[v6]:port``; raises ValueError with a readable reason."""
+    host, sep, port = text.rpartition(":")
+    ok_port = port.isascii() and port.isdigit() and int(port) <= 65535
+    if not sep or not ok_port or not _HOST.fullmatch(host):
+        raise ValueError(f"must be host:port or [ipv6]:port (got {text!r})")
+    return Address(host.removeprefix("[").removesuffix("]"), int(port))
+
+
+def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay ``KEYGATE_<SECTION>_<KEY>`` (and ``KEYGATE_LISTEN`` ...) onto the raw config.
+
+    Values are parsed as YAML scalars, so ``true``, ``8`` and ``[a, b]`` keep their type;
+    string options keep the text as given (``KEYGATE_REDIS_KEY_PREFIX=kg:`` is not a mapping)
+    and text that is not YAML stays text, for validation to judge.
+    Variables that name no option (``KEYGATE_TEST_REDIS_URL``) are not keygate's to judge.
+    """
+    merged = dict(raw)
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        if rest in _TOP_SCALARS:
+            merged[rest] = _env_value(text, rest in _TEXT_OPTIONS)
+            continue
+        section, _, key = rest.partition("_")
+        if section in _SECTIONS and key in _SECTION_KEYS[section]:
+            current = merged.get(section)
+            if current is not None and not isinstance(current, dict):
+                continue  # the file's own error ("must be a mapping") is reported
+            value = _env_value(text, f"{section}.{key}" in _TEXT_OPTIONS)
+            merged[section] = {**(current or {}), key: value}
+    return merged
+
+
+_TEXT_OPTIONS = frozenset(
+    (
+        "listen",
+        "admin_listen",
+        "redis.url",
+        "redis.data_dir",
+        "redis.key_prefix",
+        "redis.on_error",
+        "keys.secret_prefix",
+        "keys.query_param",
+        "admin.default_workspace",
+        "log.format",
+        "log.level",
+    )
+)
+
+
+def _env_value(text: str, is_text: bool) -> Any:
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return text
+    return text if is_text and not isinstance(value, str) else value
+
+
+_SECTION_KEYS: dict[str, tuple[str, ...]] = {
+    "redis": ("url", "data_dir", "key_prefix", "on_error", "connect_timeout", "socket_timeout"),
+    "keys": ("secret_prefix", "sources", "query_param", "hide_credentials", "hash_cache_size"),
+    "admin": ("max_body_bytes", "default_workspace"),
+    "metrics": ("per_key", "per_key_max"),
+    "log": ("format", "level"),
+}
+
+
+def _split(url: str) -> SplitResult | None:
+    try:
+        return urlsplit(url)
+    except ValueError:  # e.g. "redis://[::1": unbalanced brackets
+        return None
+
+
+def _scheme(url: str) -> str:
+    parts = _split(url)
+    return parts.scheme if parts is not None else ""
+
+
+def _redact(url: str) -> str:
+    """``url`` for a problem line, with any password replaced: never print a secret."""
+    parts = _split(url)
+    if parts is None or parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+
+
+def _redis(r: _Reader, raw: Mapping[str, Any], base: Path) -> RedisSettings:
+    s = r.section(raw, "redis", "", _SECTION_KEYS["redis"])
+    url = r.get(s, "url", "redis", str, "embedded")
+    if url != "embedded" and _scheme(url) not in (
+        "redis",
+        "rediss",
+        "unix",
+        "redis+sentinel",
+        "rediss+sentinel",
+    ):
+        r.fail(
+            "redis.url",
+            f"must be 'embedded' or a redis://, rediss://, unix:// URL (got {_redact(url)!r})",
+        )
+    data_dir = Path(r.get(s, "data_dir", "redis", str, ".keygate"))
+    prefix = r.get(s, "key_prefix", "redis", str, "kg:")
+    if not prefix or "{" in prefix or "}" in prefix:
+        r.fail("redis.key_prefix", "must be non-empty and hold no '{' or '}' (they are hash tags)")
+    return RedisSettings(
+        url=url,
+        data_dir=data_dir if data_dir.is_absolute() else base / data_dir,
+        key_prefix=prefix,
+        on_error=cast(
+            Any, r.choice(s, "on_error", "redis", ("fail_closed", "fail_open"), "fail_closed")
+        ),
+        connect_timeout=r.number(s, "connect_timeout", "redis", 1.0, open_low=True),
+        socket_timeout=r.number(s, "socket_timeout", "redis", 2.0, open_low=True),
+    )
+
+
+def _keys(r: _Reader, raw: Mapping[str, Any]) -> KeySettings:
+    s = r.section(raw, "keys", "", _SECTION_KEYS["keys"])
+    sources = r.strings(s, "sources", "keys", DEFAULT_SOURCES)
+    for i, source in enumerate(sources):
+        if source not in CREDENTIAL_SOURCES:
+            r.fail(
+                f"keys.sources[{i}]",
+                f"unknown source {source!r} (one of {', '.join(CREDENTIAL_SOURCES)})",
+            )
+    prefix = r.get(s, "secret_prefix", "keys", str, "kg_")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,16}", prefix):
+        r.fail("keys.secret_prefix", "must be 1-16 characters of A-Z a-z 0-9 _ -")
+    return KeySettings(
+        secret_prefix=prefix,
+        sources=sources,
+        query_param=r.get(s, "query_param", "keys", str, "api_key"),
+        hide_credentials=r.get(s, "hide_credentials", "keys", bool, True),
+        hash_cache_size=r.integer(s, "hash_cache_size", "keys", 100_000, low=0),
+    )
+
+
+def _upstreams(r: _Reader, raw: Mapping[str, Any]) -> dict[str, Upstream]:
+    section = raw.get("upstreams")
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        r.fail("upstreams", "must be a mapping of name to upstream")
+        return {}
+    result: dict[str, Upstream] = {}
+    for name, spec in section.items():
+        path = f"upstreams.{name}"
+        if not isinstance(name, str) or not _NAME.match(name):
+            r.fail(path, "the name must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        if not isinstance(spec, dict):
+            r.fail(path, "must be a mapping")
+            continue
+        r.unknown(spec, path, ("url", "timeouts", "pool_size"))
+        url = r.get(spec, "url", path, str, "")
+        parts = _split(url)
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+            r.fail(f"{path}.url", f"must be an http:// or https:// URL (got {_redact(url)!r})")
+        t = r.section(spec, "timeouts", f"{path}.", ("connect", "read", "total"))
+        timeouts = Timeouts(
+            connect=r.number(t, "connect", f"{path}.timeouts", 2.0, open_low=True),
+            read=r.number(t, "read", f"{path}.timeouts", 60.0, open_low=True),
+            total=r.number(t, "total", f"{path}.timeouts", 300.0, open_low=True),
+        )
+        result[str(name)] = Upstream(
+            str(name), url.rstrip("/"), timeouts, r.integer(spec, "pool_size", path, 100, low=1)
+        )
+    return result
+
+
+_ROUTE_KEYS = (
+    "name",
+    "path",
+    "prefix",
+    "upstream",
+    "methods",
+    "scopes",
+    "strip_prefix",
+    "rewrite",
+    "resource",
+    "cost",
+    "reserve",
+    "charge_failed",
+    "byok",
+    "rate_limit",
+    "error_format",
+    "sources",
+    "websocket",
+)
+
+
+def _route(
+    r: _Reader, spec: Mapping[str, Any], path: str, upstreams: Mapping[str, Upstream]
+) -> Route | None:
+    r.unknown(spec, path, _ROUTE_KEYS)
+    name = r.get(spec, "name", path, str, "")
+    if not _NAME.match(name):
+        r.fail(f"{path}.name", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    exact, prefix = r.get(spec, "path", path, str, ""), r.get(spec, "prefix", path, str, "")
+    if bool(exact) == bool(prefix):
+        r.fail(path, "needs exactly one of path or prefix")
+    for key, value in (("path", exact), ("prefix", prefix)):
+        if value and not value.startswith("/"):
+            r.fail(f"{path}.{key}", "must start with '/'")
+    upstream = r.get(spec, "upstream", path, str, "")
+    if upstream not in upstreams:
+        r.fail(f"{path}.upstream", f"unknown upstream {upstream!r}")
+    methods = tuple(m.upper() for m in r.strings(spec, "methods", path, ()))
+    for i, method in enumerate(methods):
+        if method not in HTTP_METHODS:
+            r.fail(f"{path}.methods[{i}]", f"unknown method {method!r}")
+    return Route(
+        name=name,
+        upstream=upstream,
+        path=exact or None,
+        prefix=prefix or None,
+        methods=methods,
+        scopes=_scopes(r, spec.get("scopes"), f"{path}.scopes"),
+        strip_prefix=r.get(spec, "strip_prefix", path, bool, False),
+        rewrite=r.get(spec, "rewrite", path, str, "") or None,
+        resource=_one_of(
+            r,
+            spec,
+            "resource",
+            path,
+            ("json", "query", "path_segment", "max_body_bytes"),
+            ("json", "query", "path_segment"),
+            _resource,
+        ),
+        cost=_one_of(
+            r,
+            spec,
+            "cost",
+            path,
+            ("fixed", "header", "json", "per_unit"),
+            ("fixed", "header", "json"),
+            _cost,
+        ),
+        reserve=r.number(spec, "reserve", path, 0.0) if spec.get("reserve") is not None else None,
+        charge_failed=r.get(spec, "charge_failed", path, bool, False),
+        byok=r.get(spec, "byok", path, bool, False),
+        rate_limit=_rate_limit(r, spec, path),
+        error_format=cast(
+            Any, r.choice(spec, "error_format", path, ("problem", "openai"), "problem")
+        ),
+        sources=_route_sources(r, spec, path),
+        websocket=r.get(spec, "websocket", path, bool, False),
+    )
+
+
+def _scopes(r: _Reader, raw: Any, path: str) -> dict[str, tuple[str, ...]]:
+    if raw is None:
+        return {}
+    if isinstance(raw, list) and all(isinstance(s, str) for s in raw):
+        return {"*": tuple(raw)}
+    if isinstance(raw, dict):
+        result: dict[str, tuple[str, ...]] = {}
+        for method, scopes in raw.items():
+            key = str(method).upper()
+            if key not in HTTP_METHODS and key != "*":
+                r.fail(f"{path}.{method}", f"unknown method {method!r}")
+            elif not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+                r.fail(f"{path}.{method}", "must be a list of strings")
+            else:
+                result[key] = tuple(scopes)
+        return result
+    r.fail(path, "must be a list of scopes or a mapping of method to scopes")
+    return {}
+
+
+def _one_of(
+    r: _Reader,
+    spec: Mapping[str, Any],
+    key: str,
+    path: str,
+    known: tuple[str, ...],
+    exclusive: tuple[str, ...],
+    build: Callable[[_Reader, dict[str, Any], str], T],
+) -> T | None:
+    if spec.get(key) is None:
+        return None
+    if not isinstance(spec[key], dict):
+        r.fail(f"{path}.{key}", "must be a mapping")
+        return None
+    raw = r.section(spec, key, f"{path}.", known)
+    if sum(raw.get(k) not in (None, "") for k in exclusive) != 1:
+        r.fail(f"{path}.{key}", f"needs exactly one of {', '.join(exclusive)}")
+    return build(r, raw, f"{path}.{key}")
+
+
+def _resource(r: _Reader, raw: dict[str, Any], path: str) -> ResourceRule:
+    segment = raw.get("path_segment")
+    return ResourceRule(
+        json=r.get(raw, "json", path, str, "") or None,
+        query=r.get(raw, "query", path, str, "") or None,
+        path_segment=r.integer(raw, "path_segment", path, 0, low=0)
+        if segment is not None
+        else None,
+        max_body_bytes=r.integer(raw, "max_body_bytes", path, 1_048_576, low=1),
+    )
+
+
+def _cost(r: _Reader, raw: dict[str, Any], path: str) -> CostRule:
+    return CostRule(
+        fixed=r.number(raw, "fixed", path, 0.0) if raw.get("fixed") is not None else None,
+        header=r.get(raw, "header", path, str, "") or None,
+        json=r.get(raw, "json", path, str, "") or None,
+        per_unit=r.number(raw, "per_unit", path, 1.0),
+    )
+
+
+def _rate_limit(r: _Reader, spec: Mapping[str, Any], path: str) -> RateLimit | None:
+    if spec.get("rate_limit") is None:
+        return None
+    if not isinstance(spec["rate_limit"], dict):
+        r.fail(f"{path}.rate_limit", "must be a mapping")
+        return None
+    raw = r.section(spec, "rate_limit", f"{path}.", ("requests", "period_seconds"))
+    where = f"{path}.rate_limit"
+    if raw.get("requests") is None or raw.get("period_seconds") is None:
+        r.fail(where, "needs requests and period_seconds")
+    return RateLimit(
+        r.integer(raw, "requests", where, 1, low=1),
+        r.number(raw, "period_seconds", where, 1.0, open_low=True),
+    )
+
+
+def _route_sources(r: _Reader, spec: Mapping[str, Any], path: str) -> tuple[str, ...] | None:
+    if spec.get("sources") is None:
+        return None
+    sources = r.strings(spec, "sources", path, ())
+    for i, source in enumerate(sources):
+        if source not in CREDENTIAL_SOURCES:
+            r.fail(f"{path}.sources[{i}]", f"unknown source {source!r}")
+    return sources
+
+
+def _routes(
+    r: _Reader, raw: Mapping[str, Any], upstreams: Mapping[str, Upstream]
+) -> tuple[Route, ...]:
+    section = raw.get("routes")
+    if section is None:
+        return ()
+    if not isinstance(section, list):
+        r.fail("routes", "must be a list")
+        return ()
+    routes, seen = [], set()
+    for i, spec in enumerate(section):
+        if not isinstance(spec, dict):
+            r.fail(f"routes[{i}]", "must be a mapping")
+            continue
+        route = _route(r, spec, f"routes[{i}]", upstreams)
+        if route is not None:
+            if route.name in seen:
+                r.fail(f"routes[{i}].name", f"duplicate route name {route.name!r}")
+            seen.add(route.name)
+            routes.append(route)
+    return tuple(routes)
+
+
+def _dialects(r: _Reader, raw: Mapping[str, Any]) -> dict[str, Dialect]:
+    section = r.section(raw, "dialects", "", DIALECTS)
+    result = {}
+    for name in DIALECTS:
+        spec = r.section(section, name, "dialects.", ("enabled", "path"))
+        where = f"dialects.{name}"
+        path = r.get(spec, "path", where, str, "") or None
+        if path is not None and not path.startswith("/"):
+            r.fail(f"{where}.path", "must start with '/'")
+        result[name] = Dialect(r.get(spec, "enabled", where, bool, True), path)
+    return result
+
+
+def _address(r: _Reader, raw: Mapping[str, Any], key: str, default: Address) -> Address:
+    text = r.get(raw, key, "", str, str(default))
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        r.fail(key, str(exc))
+        return default
+
+
+def build(raw: Mapping[str, Any], base: Path) -> Settings:
+    """Validate a raw mapping into Settings; relative paths resolve against ``base``."""
+    r = _Reader()
+    r.unknown(
+        raw,
+        "",
+        ("listen", "admin_listen", "workers", "upstreams", "routes", *_SECTIONS, "dialects"),
+    )
+    upstreams = _upstreams(r, raw)
+    admin = r.section(raw, "admin", "", _SECTION_KEYS["admin"])
+    metrics = r.section(raw, "metrics", "", _SECTION_KEYS["metrics"])
+    log = r.section(raw, "log", "", _SECTION_KEYS["log"])
+    settings = Settings(
+        listen=_address(r, raw, "listen", DEFAULT_LISTEN),
+        admin_listen=_address(r, raw, "admin_listen", DEFAULT_ADMIN_LISTEN),
+        workers=r.integer(raw, "workers", "", 1, low=1),
+        redis=_redis(r, raw, base),
+        keys=_keys(r, raw),
+        admin=AdminSettings(
+            max_body_bytes=r.integer(admin, "max_body_bytes", "admin", 1_048_576, low=1024),
+            default_workspace=r.get(admin, "default_workspace", "admin", str, "default"),
+        ),
+        upstreams=upstreams,
+        routes=_routes(r, raw, upstreams),
+        dialects=_dialects(r, raw),
+        metrics=MetricsSettings(
+            r.get(metrics, "per_key", "metrics", bool, False),
+            r.integer(metrics, "per_key_max", "metrics", 1000, low=1),
+        ),
+        log=LogSettings(
+            cast(Any, r.choice(log, "format", "log", ("json", "text"), "json")),
+            cast(Any, r.choice(log, "level", "log", ("debug", "info", "warning", "error"), "info")),
+        ),
+    )
+    if r.problems:
+        raise ConfigError(r.problems)
+    return settings
+
+
+def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read ``path`` (or defaults when None), apply KEYGATE_* overrides, validate.
+
+    A relative ``redis.data_dir`` is relative to the working directory, as for most servers.
+    """
+    raw: Any = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            detail = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError([f"{where}: not valid YAML ({detail})"]) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"{path}: not valid YAML (not UTF-8 text)"]) from None
+        except (ValueError, RecursionError) as exc:  # 5000-digit integers, 10000-deep nesting
+            detail = str(exc).splitlines()[0] if str(exc) else "nested too deeply"
+            raise ConfigError([f"{path}: not valid YAML ({detail})"]) from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping"])
+    return build(apply_env(raw, os.environ if environ is None else environ), base)

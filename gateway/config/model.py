@@ -1,0 +1,151 @@
+"""Settings as frozen dataclasses: built once at startup, shared read-only afterwards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+OnError = Literal["fail_closed", "fail_open"]
+ErrorFormat = Literal["problem", "openai"]
+CREDENTIAL_SOURCES = ("bearer", "api_key_scheme", "x-api-key", "query")
+DEFAULT_SOURCES = ("bearer", "api_key_scheme", "x-api-key")
+DIALECTS = ("langflow", "flowise", "openrouter", "baseten", "konpro")
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+DEFAULT_LISTEN = Address("0.0.0.0", 8080)  # noqa: S104 - the proxy serves the network
+DEFAULT_ADMIN_LISTEN = Address("127.0.0.1", 8081)  # management stays on this machine
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str = "embedded"
+    data_dir: Path = Path(".keygate")
+    key_prefix: str = "kg:"
+    on_error: OnError = "fail_closed"
+    connect_timeout: float = 1.0
+    socket_timeout: float = 2.0
+
+    @property
+    def embedded(self) -> bool:
+        return self.url == "embedded"
+
+
+@dataclass(frozen=True, slots=True)
+class KeySettings:
+    secret_prefix: str = "kg_"
+    sources: tuple[str, ...] = DEFAULT_SOURCES
+    query_param: str = "api_key"
+    hide_credentials: bool = True
+    hash_cache_size: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 2.0
+    read: float = 60.0
+    total: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    url: str
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    pool_size: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class CostRule:
+    """Exactly one of fixed, header or json is set (validated at load)."""
+
+    fixed: float | None = None
+    header: str | None = None
+    json: str | None = None
+    per_unit: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceRule:
+    """Where a request names its resource: a JSON body field, a query or a path segment."""
+
+    json: str | None = None
+    query: str | None = None
+    path_segment: int | None = None
+    max_body_bytes: int = 1_048_576
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    requests: int
+    period_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    upstream: str
+    path: str | None = None
+    prefix: str | None = None
+    methods: tuple[str, ...] = ()
+    scopes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # method or "*"
+    strip_prefix: bool = False
+    rewrite: str | None = None
+    resource: ResourceRule | None = None
+    cost: CostRule | None = None
+    reserve: float | None = None
+    charge_failed: bool = False
+    byok: bool = False
+    rate_limit: RateLimit | None = None
+    error_format: ErrorFormat = "problem"
+    sources: tuple[str, ...] | None = None
+    websocket: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    enabled: bool = True
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    per_key: bool = False
+    per_key_max: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    format: Literal["json", "text"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    max_body_bytes: int = 1_048_576
+    default_workspace: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: Address = DEFAULT_LISTEN
+    admin_listen: Address = DEFAULT_ADMIN_LISTEN
+    workers: int = 1
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    keys: KeySettings = field(default_factory=KeySettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    upstreams: dict[str, Upstream] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+    dialects: dict[str, Dialect] = field(default_factory=dict)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    log: LogSettings = field(default_factory=LogSettings)

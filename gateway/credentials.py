@@ -1,0 +1,59 @@
+"""Taking the API key out of a request (DESIGN §3 step 2)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.errors import Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Extracted:
+    """The presented secret, or the outcome that ends the request (missing, malformed,
+    two different credentials), with a detail safe to show: never the secret itself."""
+
+    secret: str | None
+    outcome: Outcome = Outcome.OK
+    detail: str = ""
+
+
+MISSING = Extracted(None, Outcome.MISSING_KEY, "no API key in the request")
+
+
+def extract(
+    headers: Mapping[str, str],
+    query: Mapping[str, str],
+    sources: tuple[str, ...],
+    query_param: str = "api_key",
+) -> Extracted:
+    """Read every enabled source; two different credentials are refused (400)."""
+    found: list[str] = []
+    authorization = headers.get("Authorization")
+    if authorization is not None:
+        scheme, _, value = authorization.strip().partition(" ")
+        kind = scheme.lower()
+        if (kind == "bearer" and "bearer" in sources) or (
+            kind == "api-key" and "api_key_scheme" in sources
+        ):
+            value = value.strip()
+            if not value or " " in value:
+                return Extracted(
+                    None,
+                    Outcome.INVALID_KEY,
+                    f"malformed Authorization header: '{scheme} <key>' expected",
+                )
+            found.append(value)
+    if "x-api-key" in sources and (header := headers.get("x-api-key")) is not None:
+        if not header.strip():
+            return Extracted(None, Outcome.INVALID_KEY, "empty x-api-key header")
+        found.append(header.strip())
+    if "query" in sources and (param := query.get(query_param)) is not None:
+        found.append(param)
+    if not found:
+        return MISSING
+    if any(value != found[0] for value in found[1:]):
+        return Extracted(
+            None, Outcome.INVALID_REQUEST, "the request carries two different API keys; send one"
+        )
+    return Extracted(found[0])

@@ -1,0 +1,1 @@
+"""The key store: API-key records in Redis, addressed by id or by presented secret."""

@@ -1,0 +1,272 @@
+"""KeyStore: every read and write of key records, one atomic script per change."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+from redis.asyncio import Redis
+
+from gateway.store import secrets
+from gateway.store.names import KeyNames
+from gateway.store.record import KeyRecord, decode, encode_fields, pairs_to_dict
+from gateway.store.scripts import Scripts
+
+AuthStatus = Literal["ok", "not_found", "disabled", "expired"]
+_MEMBER = re.compile(r"^\d{15}:[0-9a-f-]{36}$")
+_RETRIES = 5  # optimistic retries when a concurrent rotation changes the hash under us
+
+
+class KeyExists(Exception):
+    """The secret (or sha256) being imported or generated is already a key."""
+
+
+class BadCursor(ValueError):
+    """A listing cursor that keygate did not issue."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    status: AuthStatus
+    record: KeyRecord | None
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """A record together with its secret, which exists only in this reply."""
+
+    record: KeyRecord
+    secret: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    records: list[KeyRecord]
+    next_cursor: str | None
+
+
+def encode_cursor(member: str) -> str:
+    return base64.urlsafe_b64encode(member.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        member = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise BadCursor("cursor is not one keygate issued") from None
+    if not _MEMBER.match(member):
+        raise BadCursor("cursor is not one keygate issued")
+    return member
+
+
+class KeyStore:
+    def __init__(self, client: Redis, names: KeyNames, secret_prefix: str) -> None:
+        self.client = client
+        self.names = names
+        self.secret_prefix = secret_prefix
+        self.scripts = Scripts.register(client)
+
+    async def server_time_ms(self) -> int:
+        seconds, micros = await self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def create(
+        self, values: dict[str, Any], *, secret: str | None = None, sha256: str | None = None
+    ) -> Issued:
+        """Store a new key from validated ``values``; generate a secret unless one is given.
+
+        ``secret`` or ``sha256`` adopts an existing key (import); raises KeyExists when that
+        hash is already known. Returns the secret only when keygate generated it.
+        """
+        generated = secret is None and sha256 is None
+        if generated:
+            secret = secrets.generate(self.secret_prefix)
+        digest = sha256 if sha256 is not None else secrets.hash_secret(secret or "")
+        fields: dict[str, Any] = {
+            "type": "PERSONAL",
+            "scopes": (),
+            "disabled": False,
+            "include_byok_in_limit": False,
+            **values,
+            "id": str(uuid.uuid4()),
+            "hash": digest,
+            "prefix": secrets.display_prefix(secret) if secret else "",
+            "label": secrets.label(secret) if secret else secrets.label_for_hash(digest),
+            "imported": not generated,
+        }
+        encoded = encode_fields(fields)
+        flat = [item for pair in encoded.items() for item in pair]
+        key_id = encoded["id"]
+        now = await self.scripts.create(
+            keys=[
+                self.names.by_hash(digest),
+                self.names.record(key_id),
+                self.names.workspace_index(encoded["workspace_id"]),
+                self.names.org_index(),
+            ],
+            args=[key_id, *flat],
+        )
+        if now == -1:
+            raise KeyExists("a key with this secret already exists")
+        if now == -2:  # a UUID4 collision: astronomically unlikely, but never overwrite
+            raise KeyExists("key id collision")
+        record = decode({**encoded, "created_at": str(now), "updated_at": str(now)})
+        return Issued(record, secret if generated else None)
+
+    async def get(self, key_id: str, workspace_id: str | None = None) -> KeyRecord | None:
+        """The record, or None when there is none (or it belongs to another workspace)."""
+        raw = cast(dict[str, str], await self.client.hgetall(self.names.record(key_id)))
+        if not raw:
+            return None
+        record = decode(raw)
+        if workspace_id is not None and record.workspace_id != workspace_id:
+            return None
+        return record
+
+    async def authenticate(self, secret: str) -> AuthResult:
+        """Resolve a presented secret: ok, not_found, disabled or expired, with the record."""
+        digest = secrets.hash_secret(secret)
+        key_id = cast(str | None, await self.client.get(self.names.by_hash(digest)))
+        if key_id is None:
+            return AuthResult("not_found", None, 0)
+        reply = await self.scripts.authenticate(keys=[self.names.record(key_id)], args=[digest])
+        status = cast(AuthStatus, str(reply[0]))
+        now = int(reply[1])
+        if status == "not_found":
+            return AuthResult("not_found", None, now)
+        return AuthResult(status, decode(pairs_to_dict(reply[2:])), now)
+
+    async def list(
+        self,
+        *,
+        workspace_id: str | None,
+        user_id: str | None = None,
+        include_disabled: bool = False,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page:
+        """One page in creation order; ``workspace_id=None`` lists every workspace.
+
+        The cursor is the last listed index member, so keys created or revoked between
+        pages never make another key repeat or vanish.
+        """
+        index = (
+            self.names.workspace_index(workspace_id)
+            if workspace_id is not None
+            else self.names.org_index()
+        )
+        start = f"({decode_cursor(cursor)}" if cursor else "-"
+        found: list[tuple[str, KeyRecord]] = []
+        batch_size = min(max(limit + 1, 32), 1000)
+        while len(found) <= limit:
+            members = cast(
+                list[str], await self.client.zrangebylex(index, start, "+", start=0, num=batch_size)
+            )
+            if not members:
+                break
+            async with self.client.pipeline(transaction=False) as pipe:
+                for member in members:
+                    pipe.hgetall(self.names.record(member.split(":", 1)[1]))
+                raws = cast(list[dict[str, str]], await pipe.execute())
+            for member, raw in zip(members, raws, strict=True):
+                if not raw:
+                    continue  # revoked after the index was read
+                record = decode(raw)
+                if user_id is not None and record.user_id != user_id:
+                    continue
+                if record.disabled and not include_disabled:
+                    continue
+                found.append((member, record))
+                if len(found) > limit:
+                    break
+            start = f"({members[-1]}"
+        next_cursor = encode_cursor(found[limit - 1][0]) if len(found) > limit and limit else None
+        return Page([record for _, record in found[:limit]], next_cursor)
+
+    async def update(
+        self, key_id: str, values: dict[str, Any], workspace_id: str | None = None
+    ) -> KeyRecord | None:
+        """Set only the given fields (None clears one); None when there is no such key."""
+        to_set = encode_fields(values)
+        to_clear = [name for name, value in values.items() if value is None]
+        reply = await self.scripts.update(
+            keys=[self.names.record(key_id)],
+            args=[
+                workspace_id or "",
+                len(to_set),
+                *[x for p in to_set.items() for x in p],
+                *to_clear,
+            ],
+        )
+        return decode(pairs_to_dict(reply)) if reply else None
+
+    async def revoke(self, key_id: str, workspace_id: str | None = None) -> bool:
+        """Delete the key everywhere at once; False when there is no such key."""
+        for _ in range(_RETRIES):
+            record = await self.get(key_id, workspace_id)
+            if record is None:
+                return False
+            names = self.names
+            result = await self.scripts.revoke(
+                keys=[
+                    names.record(key_id),
+                    names.by_hash(record.hash),
+                    names.by_hash(record.grace_hash or record.hash),
+                    names.workspace_index(record.workspace_id),
+                    names.org_index(),
+                    names.rate(key_id),
+                    names.usage(key_id, "t"),
+                    names.usage(key_id, "bt"),
+                ],
+                args=[record.hash, record.index_member()],
+            )
+            if result != -1:
+                return bool(result == 1)
+        raise RuntimeError("key changed during every revoke attempt")
+
+    async def rotate(
+        self, key_id: str, grace_seconds: float, workspace_id: str | None = None
+    ) -> Issued | None:
+        """New secret, same id and usage; the old one works ``grace_seconds`` more."""
+        for _ in range(_RETRIES):
+            record = await self.get(key_id, workspace_id)
+            if record is None:
+                return None
+            secret = secrets.generate(self.secret_prefix)
+            digest = secrets.hash_secret(secret)
+            names = self.names
+            reply = await self.scripts.rotate(
+                keys=[
+                    names.record(key_id),
+                    names.by_hash(digest),
+                    names.by_hash(record.hash),
+                    names.by_hash(record.grace_hash or record.hash),
+                ],
+                args=[
+                    record.hash,
+                    digest,
+                    round(grace_seconds * 1000),
+                    secrets.display_prefix(secret),
+                    secrets.label(secret),
+                    workspace_id or "",
+                ],
+            )
+            if not reply:
+                return None
+            if reply[0] in (-1, -2):
+                continue
+            return Issued(decode(pairs_to_dict(reply)), secret)
+        raise RuntimeError("key changed during every rotate attempt")
+
+    async def count(self, workspace_id: str | None) -> int:
+        index = (
+            self.names.workspace_index(workspace_id)
+            if workspace_id is not None
+            else self.names.org_index()
+        )
+        return int(await self.client.zcard(index))

@@ -1,0 +1,42 @@
+"""Every Redis key name keygate uses, built in one place (DESIGN §4).
+
+Everything about one API key carries the hash tag ``{<key_id>}`` so that a script over one
+key touches one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class KeyNames:
+    prefix: str = "kg:"
+
+    def by_hash(self, sha256_hex: str) -> str:
+        """String: key id for a presented secret's sha256."""
+        return f"{self.prefix}h:{sha256_hex}"
+
+    def record(self, key_id: str) -> str:
+        """Hash: the key record."""
+        return f"{self.prefix}k:{{{key_id}}}"
+
+    def usage(self, key_id: str, bucket: str) -> str:
+        """Int string: usage in micro-units for a bucket such as ``d:20261122`` or ``t``."""
+        return f"{self.prefix}u:{{{key_id}}}:{bucket}"
+
+    def rate(self, key_id: str) -> str:
+        """String: GCRA theoretical arrival time."""
+        return f"{self.prefix}r:{{{key_id}}}"
+
+    def workspace_index(self, workspace_id: str) -> str:
+        """Sorted set: the workspace's keys, ordered for listing."""
+        return f"{self.prefix}ws:{workspace_id}"
+
+    def org_index(self) -> str:
+        """Sorted set: every key, ordered for listing."""
+        return f"{self.prefix}org"
+
+    def all_pattern(self) -> str:
+        """SCAN pattern matching everything under this prefix (tests and tooling)."""
+        return f"{self.prefix}*"

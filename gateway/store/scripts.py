@@ -1,0 +1,33 @@
+"""The store's Lua scripts: read from package files, registered once per client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+
+def _source(name: str) -> str:
+    return resources.files("gateway.store").joinpath("lua", f"{name}.lua").read_text("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Scripts:
+    create: AsyncScript
+    authenticate: AsyncScript
+    update: AsyncScript
+    revoke: AsyncScript
+    rotate: AsyncScript
+
+    @classmethod
+    def register(cls, client: Redis) -> Scripts:
+        """Bind every script to ``client``; calls use EVALSHA, loading on NOSCRIPT."""
+        return cls(**{name: client.register_script(_source(name)) for name in cls.__slots__})
+
+    async def load(self) -> None:
+        """Load every script now, so the first request does not pay for it."""
+        for name in self.__slots__:
+            script: AsyncScript = getattr(self, name)
+            await script.registered_client.script_load(script.script)

@@ -1,0 +1,77 @@
+"""Secret format, hashing and masking (DESIGN §5).
+
+A keygate secret is ``<prefix><30 base62 random><6 base62 CRC32 of the first part>``.
+The checksum lets the proxy refuse a mistyped or made-up key without asking Redis, the
+way GitHub tokens do. Only ``sha256(secret)`` is ever stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import zlib
+
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_BASE62_SET = frozenset(BASE62)
+RANDOM_LENGTH = 30
+CHECKSUM_LENGTH = 6  # 62**6 > 2**32, so every CRC32 fits
+PREFIX_DISPLAY_LENGTH = 12
+
+
+def _base62(number: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        number, digit = divmod(number, 62)
+        digits.append(BASE62[digit])
+    return "".join(reversed(digits))
+
+
+def checksum(body: str) -> str:
+    """The 6-character base62 CRC32 of ``body`` (prefix plus random part)."""
+    return _base62(zlib.crc32(body.encode()), CHECKSUM_LENGTH)
+
+
+def generate(prefix: str) -> str:
+    """A new secret: ``prefix`` + 30 random base62 characters + checksum."""
+    body = prefix + "".join(secrets.choice(BASE62) for _ in range(RANDOM_LENGTH))
+    return body + checksum(body)
+
+
+def has_bad_checksum(secret: str, prefix: str) -> bool:
+    """True only for a string shaped exactly like a keygate secret whose checksum fails.
+
+    Anything else (imported keys of other formats) is not judged here: it may be valid.
+    """
+    expected_length = len(prefix) + RANDOM_LENGTH + CHECKSUM_LENGTH
+    if len(secret) != expected_length or not secret.startswith(prefix):
+        return False
+    tail = secret[len(prefix) :]
+    if not _BASE62_SET.issuperset(tail):
+        return False
+    return checksum(secret[:-CHECKSUM_LENGTH]) != secret[-CHECKSUM_LENGTH:]
+
+
+def hash_secret(secret: str) -> str:
+    """sha256 hex digest: the only form of a secret that is stored."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def display_prefix(secret: str) -> str:
+    """The leading characters safe to store and show.
+
+    Keygate secrets show 12 characters (9 of 30 random ones). An imported secret may be
+    short, so it never shows more than a third of itself.
+    """
+    return secret[: min(PREFIX_DISPLAY_LENGTH, len(secret) // 3)]
+
+
+def label(secret: str) -> str:
+    """Masked display form, e.g. ``kg_7fK2...x9Qa``; never more than half the secret."""
+    head = secret[: min(7, len(secret) // 4)]
+    tail = secret[-min(4, len(secret) // 8) :] if len(secret) >= 8 else ""
+    return f"{head}...{tail}"
+
+
+def label_for_hash(sha256_hex: str) -> str:
+    """Display form of a key imported by hash only: nothing of the secret is known."""
+    return f"sha256:{sha256_hex[:8]}..."
