@@ -594,16 +594,25 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Setting
     base = Path.cwd()
     if path is not None:
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+        except UnicodeDecodeError as exc:
+            line = exc.object.count(b"\n", 0, exc.start) + 1
+            raise ConfigError([f"{path}:{line}: not valid YAML (not UTF-8 text)"]) from None
+        try:
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            position = getattr(exc, "position", None)  # a ReaderError: a forbidden character
+            if mark is not None:
+                where = f"{path}:{mark.line + 1}"
+            elif position is not None:
+                where = f"{path}:{text.count(chr(10), 0, position) + 1}"
+            else:
+                where = str(path)
             detail = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise ConfigError([f"{where}: not valid YAML ({detail})"]) from None
-        except UnicodeDecodeError:
-            raise ConfigError([f"{path}: not valid YAML (not UTF-8 text)"]) from None
         except (ValueError, RecursionError) as exc:  # 5000-digit integers, 10000-deep nesting
             detail = str(exc).splitlines()[0] if str(exc) else "nested too deeply"
             raise ConfigError([f"{path}: not valid YAML ({detail})"]) from None
