@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load
+from gateway.config.reader import redact_url
 from gateway.embedded import EmbeddedError
 
 from . import keys
@@ -79,5 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EmbeddedError as exc:
         print(f"keygate: {exc}", file=sys.stderr)
         return 1
+    except keys.CommandError as exc:  # raised before a command reaches the store
+        print(f"keygate: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         return 130

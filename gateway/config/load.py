@@ -7,16 +7,15 @@ operator fixes a file in one pass.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
-from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
+from gateway.config.env import SECTION_KEYS, SECTIONS, apply_env
 from gateway.config.model import (
     CREDENTIAL_SOURCES,
     DEFAULT_ADMIN_LISTEN,
@@ -39,11 +38,9 @@ from gateway.config.model import (
     Timeouts,
     Upstream,
 )
+from gateway.config.reader import Reader, parse_address, redact_url, scheme_of, split_url
 
 T = TypeVar("T")
-ENV_PREFIX = "KEYGATE_"
-_SECTIONS = ("redis", "keys", "admin", "metrics", "log")
-_TOP_SCALARS = ("listen", "admin_listen", "workers")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -55,206 +52,10 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-class _Reader:
-    """Typed access to raw YAML that records problems instead of raising."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def fail(self, path: str, message: str) -> None:
-        self.problems.append(f"{path}: {message}")
-
-    def section(
-        self, raw: Mapping[str, Any], key: str, path: str, known: tuple[str, ...]
-    ) -> dict[str, Any]:
-        value = raw.get(key, {})
-        where = f"{path}{key}"
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.fail(where, "must be a mapping")
-            return {}
-        self.unknown(value, where, known)
-        return value
-
-    def unknown(self, raw: Mapping[str, Any], path: str, known: tuple[str, ...]) -> None:
-        for key in raw:
-            if key not in known:
-                self.fail(_join(path, key), "unknown option")
-
-    def get(self, raw: Mapping[str, Any], key: str, path: str, kind: type[T], default: T) -> T:
-        if key not in raw or raw[key] is None:
-            return default
-        value = raw[key]
-        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            try:
-                value, ok = float(value), True
-            except OverflowError:  # too large for a float: inf, which number() refuses
-                value, ok = (math.inf if value > 0 else -math.inf), True
-        if not ok:
-            self.fail(_join(path, key), f"must be {_kind_name(kind)}")
-            return default
-        return cast(T, value)
-
-    def number(
-        self,
-        raw: Mapping[str, Any],
-        key: str,
-        path: str,
-        default: float,
-        *,
-        low: float = 0.0,
-        open_low: bool = False,
-    ) -> float:
-        value = self.get(raw, key, path, float, default)
-        where = _join(path, key)
-        if not math.isfinite(value) or value < low or (open_low and value == low):
-            self.fail(where, f"must be a finite number {'>' if open_low else '>='} {low:g}")
-            return default
-        return value
-
-    def integer(
-        self, raw: Mapping[str, Any], key: str, path: str, default: int, *, low: int
-    ) -> int:
-        value = self.get(raw, key, path, int, default)
-        if value < low:
-            self.fail(_join(path, key), f"must be an integer >= {low}")
-            return default
-        return value
-
-    def choice(
-        self, raw: Mapping[str, Any], key: str, path: str, allowed: tuple[str, ...], default: str
-    ) -> str:
-        value = self.get(raw, key, path, str, default)
-        if value not in allowed:
-            self.fail(_join(path, key), f"must be one of {', '.join(allowed)} (got {value!r})")
-            return default
-        return value
-
-    def strings(
-        self, raw: Mapping[str, Any], key: str, path: str, default: tuple[str, ...]
-    ) -> tuple[str, ...]:
-        value = raw.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            self.fail(_join(path, key), "must be a list of strings")
-            return default
-        return tuple(value)
-
-
-def _join(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _kind_name(kind: type) -> str:
-    return {
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        bool: "true or false",
-        dict: "a mapping",
-        list: "a list",
-    }.get(kind, kind.__name__)
-
-
-_HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+(%[A-Za-z0-9._-]+)?\]")
-
-
-def parse_address(text: str) -> Address:
-    """``host:port`` or ``[v6]:port``; raises ValueError with a readable reason."""
-    host, sep, port = text.rpartition(":")
-    ok_port = port.isascii() and port.isdigit() and int(port) <= 65535
-    if not sep or not ok_port or not _HOST.fullmatch(host):
-        raise ValueError(f"must be host:port or [ipv6]:port (got {text!r})")
-    return Address(host.removeprefix("[").removesuffix("]"), int(port))
-
-
-def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """Overlay ``KEYGATE_<SECTION>_<KEY>`` (and ``KEYGATE_LISTEN`` ...) onto the raw config.
-
-    Values are parsed as YAML scalars, so ``true``, ``8`` and ``[a, b]`` keep their type;
-    string options keep the text as given (``KEYGATE_REDIS_KEY_PREFIX=kg:`` is not a mapping)
-    and text that is not YAML stays text, for validation to judge.
-    Variables that name no option (``KEYGATE_TEST_REDIS_URL``) are not keygate's to judge.
-    """
-    merged = dict(raw)
-    for name, text in environ.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        rest = name[len(ENV_PREFIX) :].lower()
-        if rest in _TOP_SCALARS:
-            merged[rest] = _env_value(text, rest in _TEXT_OPTIONS)
-            continue
-        section, _, key = rest.partition("_")
-        if section in _SECTIONS and key in _SECTION_KEYS[section]:
-            current = merged.get(section)
-            if current is not None and not isinstance(current, dict):
-                continue  # the file's own error ("must be a mapping") is reported
-            value = _env_value(text, f"{section}.{key}" in _TEXT_OPTIONS)
-            merged[section] = {**(current or {}), key: value}
-    return merged
-
-
-_TEXT_OPTIONS = frozenset(
-    (
-        "listen",
-        "admin_listen",
-        "redis.url",
-        "redis.data_dir",
-        "redis.key_prefix",
-        "redis.on_error",
-        "keys.secret_prefix",
-        "keys.query_param",
-        "admin.default_workspace",
-        "log.format",
-        "log.level",
-    )
-)
-
-
-def _env_value(text: str, is_text: bool) -> Any:
-    try:
-        value = yaml.safe_load(text) if text else ""
-    except (yaml.YAMLError, ValueError, RecursionError):
-        return text
-    return text if is_text and not isinstance(value, str) else value
-
-
-_SECTION_KEYS: dict[str, tuple[str, ...]] = {
-    "redis": ("url", "data_dir", "key_prefix", "on_error", "connect_timeout", "socket_timeout"),
-    "keys": ("secret_prefix", "sources", "query_param", "hide_credentials", "hash_cache_size"),
-    "admin": ("max_body_bytes", "default_workspace"),
-    "metrics": ("per_key", "per_key_max"),
-    "log": ("format", "level"),
-}
-
-
-def _split(url: str) -> SplitResult | None:
-    try:
-        return urlsplit(url)
-    except ValueError:  # e.g. "redis://[::1": unbalanced brackets
-        return None
-
-
-def _scheme(url: str) -> str:
-    parts = _split(url)
-    return parts.scheme if parts is not None else ""
-
-
-def _redact(url: str) -> str:
-    """``url`` for a problem line, with any password replaced: never print a secret."""
-    parts = _split(url)
-    if parts is None or parts.password is None:
-        return url
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
-
-
-def _redis(r: _Reader, raw: Mapping[str, Any], base: Path) -> RedisSettings:
-    s = r.section(raw, "redis", "", _SECTION_KEYS["redis"])
+def _redis(r: Reader, raw: Mapping[str, Any], base: Path) -> RedisSettings:
+    s = r.section(raw, "redis", "", SECTION_KEYS["redis"])
     url = r.get(s, "url", "redis", str, "embedded")
-    if url != "embedded" and _scheme(url) not in (
+    if url != "embedded" and scheme_of(url) not in (
         "redis",
         "rediss",
         "unix",
@@ -263,7 +64,7 @@ def _redis(r: _Reader, raw: Mapping[str, Any], base: Path) -> RedisSettings:
     ):
         r.fail(
             "redis.url",
-            f"must be 'embedded' or a redis://, rediss://, unix:// URL (got {_redact(url)!r})",
+            f"must be 'embedded' or a redis://, rediss://, unix:// URL (got {redact_url(url)!r})",
         )
     data_dir = Path(r.get(s, "data_dir", "redis", str, ".keygate"))
     prefix = r.get(s, "key_prefix", "redis", str, "kg:")
@@ -281,8 +82,8 @@ def _redis(r: _Reader, raw: Mapping[str, Any], base: Path) -> RedisSettings:
     )
 
 
-def _keys(r: _Reader, raw: Mapping[str, Any]) -> KeySettings:
-    s = r.section(raw, "keys", "", _SECTION_KEYS["keys"])
+def _keys(r: Reader, raw: Mapping[str, Any]) -> KeySettings:
+    s = r.section(raw, "keys", "", SECTION_KEYS["keys"])
     sources = r.strings(s, "sources", "keys", DEFAULT_SOURCES)
     for i, source in enumerate(sources):
         if source not in CREDENTIAL_SOURCES:
@@ -302,7 +103,7 @@ def _keys(r: _Reader, raw: Mapping[str, Any]) -> KeySettings:
     )
 
 
-def _upstreams(r: _Reader, raw: Mapping[str, Any]) -> dict[str, Upstream]:
+def _upstreams(r: Reader, raw: Mapping[str, Any]) -> dict[str, Upstream]:
     section = raw.get("upstreams")
     if section is None:
         return {}
@@ -319,9 +120,9 @@ def _upstreams(r: _Reader, raw: Mapping[str, Any]) -> dict[str, Upstream]:
             continue
         r.unknown(spec, path, ("url", "timeouts", "pool_size"))
         url = r.get(spec, "url", path, str, "")
-        parts = _split(url)
+        parts = split_url(url)
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-            r.fail(f"{path}.url", f"must be an http:// or https:// URL (got {_redact(url)!r})")
+            r.fail(f"{path}.url", f"must be an http:// or https:// URL (got {redact_url(url)!r})")
         t = r.section(spec, "timeouts", f"{path}.", ("connect", "read", "total"))
         timeouts = Timeouts(
             connect=r.number(t, "connect", f"{path}.timeouts", 2.0, open_low=True),
@@ -356,7 +157,7 @@ _ROUTE_KEYS = (
 
 
 def _route(
-    r: _Reader, spec: Mapping[str, Any], path: str, upstreams: Mapping[str, Upstream]
+    r: Reader, spec: Mapping[str, Any], path: str, upstreams: Mapping[str, Upstream]
 ) -> Route | None:
     r.unknown(spec, path, _ROUTE_KEYS)
     name = r.get(spec, "name", path, str, "")
@@ -414,7 +215,7 @@ def _route(
     )
 
 
-def _scopes(r: _Reader, raw: Any, path: str) -> dict[str, tuple[str, ...]]:
+def _scopes(r: Reader, raw: Any, path: str) -> dict[str, tuple[str, ...]]:
     if raw is None:
         return {}
     if isinstance(raw, list) and all(isinstance(s, str) for s in raw):
@@ -435,13 +236,13 @@ def _scopes(r: _Reader, raw: Any, path: str) -> dict[str, tuple[str, ...]]:
 
 
 def _one_of(
-    r: _Reader,
+    r: Reader,
     spec: Mapping[str, Any],
     key: str,
     path: str,
     known: tuple[str, ...],
     exclusive: tuple[str, ...],
-    build: Callable[[_Reader, dict[str, Any], str], T],
+    build: Callable[[Reader, dict[str, Any], str], T],
 ) -> T | None:
     if spec.get(key) is None:
         return None
@@ -454,7 +255,7 @@ def _one_of(
     return build(r, raw, f"{path}.{key}")
 
 
-def _resource(r: _Reader, raw: dict[str, Any], path: str) -> ResourceRule:
+def _resource(r: Reader, raw: dict[str, Any], path: str) -> ResourceRule:
     segment = raw.get("path_segment")
     return ResourceRule(
         json=r.get(raw, "json", path, str, "") or None,
@@ -466,7 +267,7 @@ def _resource(r: _Reader, raw: dict[str, Any], path: str) -> ResourceRule:
     )
 
 
-def _cost(r: _Reader, raw: dict[str, Any], path: str) -> CostRule:
+def _cost(r: Reader, raw: dict[str, Any], path: str) -> CostRule:
     return CostRule(
         fixed=r.number(raw, "fixed", path, 0.0) if raw.get("fixed") is not None else None,
         header=r.get(raw, "header", path, str, "") or None,
@@ -475,7 +276,7 @@ def _cost(r: _Reader, raw: dict[str, Any], path: str) -> CostRule:
     )
 
 
-def _rate_limit(r: _Reader, spec: Mapping[str, Any], path: str) -> RateLimit | None:
+def _rate_limit(r: Reader, spec: Mapping[str, Any], path: str) -> RateLimit | None:
     if spec.get("rate_limit") is None:
         return None
     if not isinstance(spec["rate_limit"], dict):
@@ -491,7 +292,7 @@ def _rate_limit(r: _Reader, spec: Mapping[str, Any], path: str) -> RateLimit | N
     )
 
 
-def _route_sources(r: _Reader, spec: Mapping[str, Any], path: str) -> tuple[str, ...] | None:
+def _route_sources(r: Reader, spec: Mapping[str, Any], path: str) -> tuple[str, ...] | None:
     if spec.get("sources") is None:
         return None
     sources = r.strings(spec, "sources", path, ())
@@ -502,7 +303,7 @@ def _route_sources(r: _Reader, spec: Mapping[str, Any], path: str) -> tuple[str,
 
 
 def _routes(
-    r: _Reader, raw: Mapping[str, Any], upstreams: Mapping[str, Upstream]
+    r: Reader, raw: Mapping[str, Any], upstreams: Mapping[str, Upstream]
 ) -> tuple[Route, ...]:
     section = raw.get("routes")
     if section is None:
@@ -524,7 +325,7 @@ def _routes(
     return tuple(routes)
 
 
-def _dialects(r: _Reader, raw: Mapping[str, Any]) -> dict[str, Dialect]:
+def _dialects(r: Reader, raw: Mapping[str, Any]) -> dict[str, Dialect]:
     section = r.section(raw, "dialects", "", DIALECTS)
     result = {}
     for name in DIALECTS:
@@ -537,7 +338,7 @@ def _dialects(r: _Reader, raw: Mapping[str, Any]) -> dict[str, Dialect]:
     return result
 
 
-def _address(r: _Reader, raw: Mapping[str, Any], key: str, default: Address) -> Address:
+def _address(r: Reader, raw: Mapping[str, Any], key: str, default: Address) -> Address:
     text = r.get(raw, key, "", str, str(default))
     try:
         return parse_address(text)
@@ -548,16 +349,16 @@ def _address(r: _Reader, raw: Mapping[str, Any], key: str, default: Address) -> 
 
 def build(raw: Mapping[str, Any], base: Path) -> Settings:
     """Validate a raw mapping into Settings; relative paths resolve against ``base``."""
-    r = _Reader()
+    r = Reader()
     r.unknown(
         raw,
         "",
-        ("listen", "admin_listen", "workers", "upstreams", "routes", *_SECTIONS, "dialects"),
+        ("listen", "admin_listen", "workers", "upstreams", "routes", *SECTIONS, "dialects"),
     )
     upstreams = _upstreams(r, raw)
-    admin = r.section(raw, "admin", "", _SECTION_KEYS["admin"])
-    metrics = r.section(raw, "metrics", "", _SECTION_KEYS["metrics"])
-    log = r.section(raw, "log", "", _SECTION_KEYS["log"])
+    admin = r.section(raw, "admin", "", SECTION_KEYS["admin"])
+    metrics = r.section(raw, "metrics", "", SECTION_KEYS["metrics"])
+    log = r.section(raw, "log", "", SECTION_KEYS["log"])
     settings = Settings(
         listen=_address(r, raw, "listen", DEFAULT_LISTEN),
         admin_listen=_address(r, raw, "admin_listen", DEFAULT_ADMIN_LISTEN),
