@@ -1,0 +1,1 @@
+"""The sample upstream that ``keygate demo`` fronts; also the test-suite's real upstream."""
