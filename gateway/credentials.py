@@ -16,6 +16,8 @@ class Extracted:
     secret: str | None
     outcome: Outcome = Outcome.OK
     detail: str = ""
+    headers: tuple[str, ...] = ()  # the headers that carried it, to hide from upstreams
+    in_query: bool = False
 
 
 MISSING = Extracted(None, Outcome.MISSING_KEY, "no API key in the request")
@@ -29,6 +31,7 @@ def extract(
 ) -> Extracted:
     """Read every enabled source; two different credentials are refused (400)."""
     found: list[str] = []
+    carriers: list[str] = []
     authorization = headers.get("Authorization")
     if authorization is not None:
         scheme, _, value = authorization.strip().partition(" ")
@@ -44,16 +47,20 @@ def extract(
                     f"malformed Authorization header: '{scheme} <key>' expected",
                 )
             found.append(value)
+            carriers.append("Authorization")
     if "x-api-key" in sources and (header := headers.get("x-api-key")) is not None:
         if not header.strip():
             return Extracted(None, Outcome.INVALID_KEY, "empty x-api-key header")
         found.append(header.strip())
+        carriers.append("x-api-key")
+    in_query = False
     if "query" in sources and (param := query.get(query_param)) is not None:
         found.append(param)
+        in_query = True
     if not found:
         return MISSING
     if any(value != found[0] for value in found[1:]):
         return Extracted(
             None, Outcome.INVALID_REQUEST, "the request carries two different API keys; send one"
         )
-    return Extracted(found[0])
+    return Extracted(found[0], headers=tuple(carriers), in_query=in_query)

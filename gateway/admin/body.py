@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -36,9 +37,33 @@ async def read_object(request: web.Request, *, optional: bool = False) -> dict[s
         body = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Denied(problem(Outcome.INVALID_REQUEST, f"body: not valid JSON ({exc})")) from None
+    except RecursionError:
+        raise Denied(problem(Outcome.INVALID_REQUEST, "body: nested too deeply")) from None
     if not isinstance(body, dict):
         raise Denied(problem(Outcome.INVALID_REQUEST, "body: must be a JSON object"))
+    if _has_lone_surrogate(body):
+        # "\ud800" parses, but is no Unicode text: it cannot be stored or sent back as JSON.
+        raise Denied(problem(Outcome.INVALID_REQUEST, "body: a string holds a lone surrogate"))
     return body
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string (key or value) holds a surrogate; pairs were joined by json."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 async def _read_capped(request: web.Request, limit: int) -> bytes:

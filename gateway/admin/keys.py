@@ -107,7 +107,7 @@ async def list_keys(request: web.Request) -> web.Response:
         except ValueError:
             raise Denied(invalid([("user_id", "must be a UUID")])) from None
     raw_limit = query.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= MAX_PAGE:
         raise Denied(invalid([("limit", f"must be an integer from 1 to {MAX_PAGE}")]))
     try:
         page = await request.app[STORE].list(

@@ -236,6 +236,26 @@ def document() -> dict[str, Any]:
                     ),
                 },
             },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "getOpenApiDocument",
+                    "summary": "This document",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "The OpenAPI 3.1 document of this listener.",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["openapi", "info", "paths"],
+                                    }
+                                }
+                            },
+                        }
+                    },
+                },
+            },
         },
         "components": {
             "securitySchemes": {

@@ -11,6 +11,7 @@ from pathlib import Path
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load
 from gateway.config.reader import redact_url
+from gateway.demo import command as demo
 from gateway.embedded import EmbeddedError
 
 from . import keys
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("path", metavar="PATH")
     check.set_defaults(run=_check_config)
     keys.add_commands(commands, common)
+    demo.add_command(commands)
     return parser
 
 
@@ -64,7 +66,7 @@ def _check_config(args: argparse.Namespace) -> int:
     settings = load(Path(args.path))
     print(
         f"{args.path}: ok ({len(settings.upstreams)} upstreams, {len(settings.routes)} routes, "
-        f"redis {settings.redis.url})"
+        f"redis {redact_url(settings.redis.url)})"
     )
     return 0
 

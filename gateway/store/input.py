@@ -20,6 +20,7 @@ from gateway.store.record import KEY_TYPES, MICRO, PERIODS, RateLimitSpec, Spend
 Mode = Literal["create", "import", "update"]
 MAX_MONEY = 1_000_000_000  # credits; keeps micro-units exact in Lua's doubles (< 2**53)
 MAX_NAME = 256
+MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last instant RFC 3339 shows
 SCOPE_PATTERN = r"^[A-Za-z0-9_.:*-]{1,128}$"
 WORKSPACE_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
@@ -59,7 +60,7 @@ def _text(max_length: int, pattern: str | None = None) -> Callable[[Any, int], s
             raise ValueError("must be a string")
         if len(value) > max_length:
             raise ValueError(f"must be at most {max_length} characters")
-        if compiled is not None and not compiled.match(value):
+        if compiled is not None and not compiled.fullmatch(value):
             raise ValueError(f"must match {pattern}")
         return value
 
@@ -141,6 +142,8 @@ def _expires_at(value: Any, now: int) -> int:
     ms = int(moment.timestamp() * 1000)
     if ms <= now:
         raise ValueError("must be in the future")
+    if ms > MAX_TIME_MS:
+        raise ValueError("must be before year 10000 UTC")
     return ms
 
 

@@ -1,0 +1,198 @@
+"""``keygate demo``: embedded Redis, the sample upstream and the gateway in front of it,
+with two keys and copy-paste commands that work as printed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import uuid
+from pathlib import Path
+from typing import Any
+
+from gateway import runtime
+from gateway.config.load import build
+from gateway.config.model import Settings
+from gateway.demo.upstream import start_upstream
+from gateway.store.keystore import KeyStore
+from gateway.store.record import MICRO
+
+DEMO_TAG = {"keygate_demo": "true"}
+
+
+def demo_settings(args: argparse.Namespace, upstream_port: int) -> Settings:
+    raw: dict[str, Any] = {
+        "listen": f"127.0.0.1:{args.port}",
+        "admin_listen": f"127.0.0.1:{args.admin_port}",
+        "redis": {"url": "embedded", "data_dir": str(args.data_dir)},
+        "upstreams": {"demo": {"url": f"http://127.0.0.1:{upstream_port}"}},
+        "routes": [
+            {
+                "name": "chat",
+                "path": "/v1/chat/completions",
+                "upstream": "demo",
+                "methods": ["POST"],
+                "scopes": ["chat:invoke"],
+                "resource": {"json": "model"},
+                "error_format": "openai",
+            },
+            {
+                "name": "models",
+                "path": "/v1/models",
+                "upstream": "demo",
+                "methods": ["GET"],
+                "scopes": ["chat:invoke"],
+                "error_format": "openai",
+            },
+            {"name": "echo", "prefix": "/echo", "upstream": "demo", "scopes": ["echo:read"]},
+        ],
+        "log": {"format": "text", "level": "warning"},
+    }
+    return build(raw, Path.cwd())
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def _replace_demo_keys(store: KeyStore) -> tuple[str, str]:
+    """Revoke the keys of an earlier demo run, then issue an admin and a user key."""
+    cursor: str | None = None
+    while True:
+        page = await store.list(
+            workspace_id="demo", include_disabled=True, limit=1000, cursor=cursor
+        )
+        for record in page.records:
+            if record.metadata.get("keygate_demo") == "true":
+                await store.revoke(record.id)
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    user = str(uuid.uuid4())
+    admin = await store.create(
+        {
+            "name": "demo admin",
+            "workspace_id": "demo",
+            "user_id": user,
+            "scopes": ("*",),
+            "metadata": DEMO_TAG,
+        }
+    )
+    restricted = await store.create(
+        {
+            "name": "demo user",
+            "workspace_id": "demo",
+            "user_id": user,
+            "scopes": ("chat:invoke", "echo:read"),
+            "resources": ("gpt-4o-mini",),
+            "limit_micro": 5 * MICRO,
+            "limit_reset": "daily",
+            "metadata": DEMO_TAG,
+        }
+    )
+    assert admin.secret and restricted.secret
+    return admin.secret, restricted.secret
+
+
+def _instructions(proxy: str, admin_url: str, admin: str, user: str) -> str:
+    chat = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]})
+    stream = json.dumps(
+        {
+            "model": "gpt-4o-mini",
+            "stream": True,
+            "messages": [{"role": "user", "content": "stream me a reply"}],
+        }
+    )
+    wrong = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+    return f"""
+keygate demo is running (Ctrl-C stops everything it started)
+
+  proxy   {proxy}      -> sample upstream (echo + OpenAI-compatible chat)
+  admin   {admin_url}      key management, /openapi.json
+
+  admin key  (scopes *):                                 {admin}
+  user key   (chat:invoke echo:read, model gpt-4o-mini):  {user}
+
+Try it:
+
+  curl -s {proxy}/echo/hello -H 'Authorization: Bearer {user}'
+  curl -s {proxy}/v1/chat/completions -H 'Authorization: Bearer {user}' \\
+       -H 'Content-Type: application/json' -d '{chat}'
+  curl -sN {proxy}/v1/chat/completions -H 'Authorization: Bearer {user}' \\
+       -H 'Content-Type: application/json' -d '{stream}'
+  # 403, this key may not use that model:
+  curl -s {proxy}/v1/chat/completions -H 'Authorization: Bearer {user}' \\
+       -H 'Content-Type: application/json' -d '{wrong}'
+  # 401, no key:
+  curl -s {proxy}/echo/hello
+  curl -s {admin_url}/v1/keys -H 'Authorization: Bearer {admin}'
+
+With the openai SDK (pip install openai):
+
+  python - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="{proxy}/v1", api_key="{user}")
+print(client.chat.completions.create(model="gpt-4o-mini",
+      messages=[{{"role": "user", "content": "hello"}}]).choices[0].message.content)
+for chunk in client.chat.completions.create(model="gpt-4o-mini", stream=True,
+        messages=[{{"role": "user", "content": "stream this"}}]):
+    print(chunk.choices[0].delta.content or "", end="", flush=True)
+print()
+PY
+"""
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    for port in (args.port, args.admin_port, args.upstream_port):
+        if not _port_free(port):
+            print(
+                f"keygate demo: port {port} on 127.0.0.1 is in use; choose others with "
+                "--port, --admin-port and --upstream-port"
+            )
+            return 1
+    settings = demo_settings(args, args.upstream_port)
+
+    async def task(url: str) -> None:
+        upstream, _ = await start_upstream("127.0.0.1", args.upstream_port)
+
+        async def ready(store: KeyStore) -> None:
+            admin, user = await _replace_demo_keys(store)
+            print(
+                _instructions(
+                    f"http://127.0.0.1:{args.port}",
+                    f"http://127.0.0.1:{args.admin_port}",
+                    admin,
+                    user,
+                ),
+                flush=True,
+            )
+
+        try:
+            await runtime.serve(settings, url, on_ready=ready)
+        finally:
+            await upstream.cleanup()
+        print("keygate demo stopped", flush=True)
+
+    runtime.with_redis(settings, task, attach=False)
+    return 0
+
+
+def add_command(commands: Any) -> None:
+    demo = commands.add_parser(
+        "demo", help="run a local demo: embedded Redis, sample upstream, gateway"
+    )
+    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    demo.add_argument("--admin-port", type=int, default=8081, help="admin port (default 8081)")
+    demo.add_argument("--upstream-port", type=int, default=9000, help="sample upstream port")
+    demo.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".keygate-demo"),
+        help="embedded Redis data (default ./.keygate-demo)",
+    )
+    demo.set_defaults(run=run_demo)

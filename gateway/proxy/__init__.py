@@ -1,0 +1,1 @@
+"""The proxy listener: routes, credentials, authorization and streaming to upstreams."""

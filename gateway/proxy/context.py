@@ -1,0 +1,43 @@
+"""Per-request state: the one mutable object of a proxied request (Envoy's filter state)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from gateway.errors import ErrorFormat, Outcome
+from gateway.proxy.routing import Match
+
+
+@dataclass(frozen=True, slots=True)
+class KeyIdentity:
+    """What the proxy needs of an authorized key (a slice of the record)."""
+
+    id: str
+    workspace_id: str
+    user_id: str
+    scopes: tuple[str, ...]
+    resources: tuple[str, ...] | None
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request: web.BaseRequest
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    path: str = ""
+    match: Match | None = None
+    secret: str | None = None
+    credential_headers: tuple[str, ...] = ()
+    credential_in_query: bool = False
+    key: KeyIdentity | None = None
+    resource: str | None = None
+    body: bytes | None = None  # read only when a rule needs it (resource from JSON)
+    outcome: Outcome = Outcome.OK
+    failed_open: bool = False
+
+    @property
+    def error_format(self) -> ErrorFormat:
+        return self.match.route.error_format if self.match is not None else "problem"

@@ -1,0 +1,105 @@
+"""Forwarding to the upstream, streaming both ways (DESIGN §3 step 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+from multidict import MultiDict
+from yarl import URL
+
+from gateway.errors import Outcome
+from gateway.proxy.context import RequestContext
+from gateway.proxy.headers import client_response_headers, upstream_request_headers
+from gateway.proxy.paths import encode
+from gateway.proxy.steps import deny
+
+if TYPE_CHECKING:
+    from gateway.proxy.service import Proxy
+
+log = logging.getLogger("keygate.proxy")
+CHUNK = 65_536
+
+
+def upstream_url(ctx: RequestContext, hide_query: str | None) -> URL:
+    assert ctx.match is not None
+    query = ctx.request.query
+    if hide_query is not None and hide_query in query:
+        kept = MultiDict((k, v) for k, v in query.items() if k != hide_query)
+        raw_query = URL.build(query=kept).raw_query_string
+    else:
+        raw_query = ctx.request.raw_path.partition("?")[2]
+    target = ctx.match.upstream.url + encode(ctx.match.upstream_path)
+    return URL(target + ("?" + raw_query if raw_query else ""), encoded=True)
+
+
+def _timeout(ctx: RequestContext) -> aiohttp.ClientTimeout:
+    assert ctx.match is not None
+    t = ctx.match.upstream.timeouts
+    return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.read)
+
+
+async def forward(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse:
+    """Send the request upstream and stream the answer back; 502/504 problems on failure."""
+    assert ctx.match is not None
+    request = ctx.request
+    headers = upstream_request_headers(
+        request.headers,
+        drop=ctx.credential_headers,
+        key=ctx.key,
+        request_id_value=ctx.request_id,
+        client_ip=request.remote,
+        scheme=request.scheme,
+    )
+    if ctx.body is not None:
+        data: object = ctx.body
+    elif request.body_exists:
+        data = request.content.iter_chunked(CHUNK)  # streamed, never buffered whole
+    else:
+        data = None
+    url = upstream_url(ctx, proxy.settings.keys.query_param if ctx.credential_in_query else None)
+    session = proxy.sessions[ctx.match.upstream.name]
+    response: web.StreamResponse | None = None
+    try:
+        async with session.request(
+            request.method,
+            url,
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+            timeout=_timeout(ctx),
+        ) as upstream:
+            response = web.StreamResponse(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=client_response_headers(upstream.headers, ctx.request_id),
+            )
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)  # each chunk as it comes: SSE stays live
+            await response.write_eof()
+            return response
+    except TimeoutError:
+        if response is None:
+            return deny(ctx, Outcome.UPSTREAM_TIMEOUT, "the upstream did not answer in time")
+        ctx.outcome = Outcome.UPSTREAM_TIMEOUT
+    except (aiohttp.ClientConnectionResetError, ConnectionResetError):
+        if response is None:  # the upstream reset before answering
+            return deny(ctx, Outcome.UPSTREAM_ERROR, "the upstream closed the connection")
+        ctx.outcome = Outcome.UPSTREAM_ERROR  # usually the client left mid-stream
+    except aiohttp.ClientError as exc:
+        if response is None:
+            log.info("upstream %s failed: %s", ctx.match.upstream.name, type(exc).__name__)
+            return deny(ctx, Outcome.UPSTREAM_ERROR, "the upstream could not be reached")
+        ctx.outcome = Outcome.UPSTREAM_ERROR
+    except asyncio.CancelledError:
+        ctx.outcome = Outcome.UPSTREAM_ERROR  # the client went away; the upstream is dropped
+        raise
+    # Failed mid-stream: the status line is gone, so cut the connection rather than end the
+    # body cleanly; the client must not take a truncated answer for a whole one.
+    if request.transport is not None:
+        request.transport.close()
+    return response

@@ -1,0 +1,70 @@
+"""The proxy listener's handler: run the chain, then forward."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from gateway.config.model import Settings, Upstream
+from gateway.proxy.authorize import KeyAuthorizer
+from gateway.proxy.context import RequestContext
+from gateway.proxy.forward import forward
+from gateway.proxy.headers import REQUEST_ID, request_id
+from gateway.proxy.routing import Router
+from gateway.proxy.steps import Step
+from gateway.proxy.websocket import is_upgrade, proxy_websocket
+
+log = logging.getLogger("keygate.proxy")
+
+
+@dataclass(slots=True)
+class ProxyStats:
+    """Counters kept until the metrics module exports them."""
+
+    failed_open: int = 0
+
+
+def upstream_session(upstream: Upstream) -> aiohttp.ClientSession:
+    """One long-lived keep-alive pool per upstream, sized by its pool_size."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(
+            limit=upstream.pool_size, limit_per_host=upstream.pool_size, enable_cleanup_closed=True
+        ),
+        cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
+        auto_decompress=False,  # bytes pass through as the upstream encoded them
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+    )
+
+
+class Proxy:
+    def __init__(
+        self, settings: Settings, authorizer: KeyAuthorizer, chain: Sequence[Step]
+    ) -> None:
+        self.settings = settings
+        self.router = Router(settings.routes, settings.upstreams)
+        self.authorizer = authorizer
+        self.chain = tuple(chain)
+        self.sessions: dict[str, aiohttp.ClientSession] = {}
+        self.stats = ProxyStats()
+
+    async def start(self) -> None:
+        self.sessions = {name: upstream_session(u) for name, u in self.settings.upstreams.items()}
+
+    async def close(self) -> None:
+        for session in self.sessions.values():
+            await session.close()
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        ctx = RequestContext(request, request_id(request.headers.get(REQUEST_ID)))
+        for step in self.chain:
+            response = await step(self, ctx)
+            if response is not None:
+                response.headers[REQUEST_ID] = ctx.request_id
+                return response
+        if ctx.match is not None and ctx.match.route.websocket and is_upgrade(request):
+            return await proxy_websocket(self, ctx)
+        return await forward(self, ctx)
