@@ -1,0 +1,132 @@
+"""WebSocket upgrades are proxied on routes that allow them, with the key checked at the
+handshake."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, web
+
+from gateway.app import build_proxy, proxy_server
+from gateway.config.load import build
+from gateway.proxy.authorize import KeyAuthorizer
+from gateway.store.multiplex import RedisMultiplexer
+from gateway.store.names import KeyNames
+from tests.conftest import MakeKey
+
+
+async def _echo_socket(request: web.Request) -> web.WebSocketResponse:
+    socket = web.WebSocketResponse(protocols=("chat.v1",))
+    await socket.prepare(request)
+    await socket.send_json(
+        {
+            "key_id": request.headers.get("X-Keygate-Key-Id"),
+            "authorization": request.headers.get("Authorization"),
+        }
+    )
+    async for message in socket:
+        if message.type is WSMsgType.TEXT:
+            await socket.send_str(f"echo:{message.data}")
+        elif message.type is WSMsgType.BINARY:
+            await socket.send_bytes(message.data[::-1])
+    return socket
+
+
+async def _start(handler: Any) -> tuple[web.BaseRunner, int]:
+    runner: web.BaseRunner = (
+        web.AppRunner(handler)
+        if isinstance(handler, web.Application)
+        else web.ServerRunner(handler)
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+@pytest.fixture
+async def ws_gateway(redis_url: str, key_prefix: str, tmp_path: Path) -> AsyncIterator[int]:
+    app = web.Application()
+    app.router.add_get("/ws", _echo_socket)
+    upstream, upstream_port = await _start(app)
+    settings = build(
+        {
+            "redis": {"url": redis_url, "key_prefix": key_prefix},
+            "upstreams": {"up": {"url": f"http://127.0.0.1:{upstream_port}"}},
+            "routes": [
+                {
+                    "name": "live",
+                    "path": "/ws",
+                    "upstream": "up",
+                    "scopes": ["live:read"],
+                    "websocket": True,
+                },
+                {"name": "plain", "path": "/plain-ws", "upstream": "up", "rewrite": "/ws"},
+            ],
+        },
+        tmp_path,
+    )
+    mux = RedisMultiplexer(redis_url, connect_timeout=1, socket_timeout=2)
+    proxy = build_proxy(settings, KeyAuthorizer(mux, KeyNames(key_prefix), 100))
+    await proxy.start()
+    gateway, port = await _start(proxy_server(proxy))
+    yield port
+    await gateway.cleanup()
+    await proxy.close()
+    await mux.close()
+    await upstream.cleanup()
+
+
+async def test_websocket_messages_flow_both_ways_with_identity(
+    ws_gateway: int, make_key: MakeKey
+) -> None:
+    issued = await make_key(scopes=["live:read"])
+    async with (
+        aiohttp.ClientSession() as client,
+        client.ws_connect(
+            f"http://127.0.0.1:{ws_gateway}/ws",
+            protocols=("chat.v1",),
+            headers={"Authorization": f"Bearer {issued.secret}"},
+        ) as socket,
+    ):
+        assert socket.protocol == "chat.v1"
+        hello = await socket.receive_json(timeout=5)
+        assert hello == {"key_id": issued.record.id, "authorization": None}
+        await socket.send_str("ping")
+        assert (await socket.receive(timeout=5)).data == "echo:ping"
+        await socket.send_bytes(b"\x01\x02\x03")
+        assert (await socket.receive(timeout=5)).data == b"\x03\x02\x01"
+
+
+@pytest.mark.parametrize(
+    ("scopes", "secret_ok", "status"),
+    [
+        (["live:read"], False, 401),
+        (["other:read"], True, 403),
+    ],
+)
+async def test_the_handshake_is_refused_without_a_valid_key_or_scope(
+    ws_gateway: int, make_key: MakeKey, scopes: list[str], secret_ok: bool, status: int
+) -> None:
+    issued = await make_key(scopes=scopes)
+    secret = issued.secret if secret_ok else "not-a-key-at-all"
+    async with aiohttp.ClientSession() as client:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await client.ws_connect(
+                f"http://127.0.0.1:{ws_gateway}/ws", headers={"Authorization": f"Bearer {secret}"}
+            )
+        assert refused.value.status == status
+
+
+async def test_routes_without_websocket_do_not_upgrade(ws_gateway: int, make_key: MakeKey) -> None:
+    issued = await make_key()
+    async with aiohttp.ClientSession() as client:
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            await client.ws_connect(
+                f"http://127.0.0.1:{ws_gateway}/plain-ws",
+                headers={"Authorization": f"Bearer {issued.secret}"},
+            )

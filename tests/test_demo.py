@@ -1,0 +1,110 @@
+"""`keygate demo` works as printed for a new user, and Ctrl-C stops all it started."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _call(curl_line: str) -> tuple[int, str]:
+    """Run one printed curl line with urllib: the same URL, headers and body."""
+    words = shlex.split(curl_line.replace("\\\n", " "))
+    url = next(w for w in words if w.startswith("http://"))
+    headers = dict(words[i + 1].split(": ", 1) for i, w in enumerate(words) if w == "-H")
+    data = next((words[i + 1].encode() for i, w in enumerate(words) if w == "-d"), None)
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.fixture
+def demo() -> object:
+    ports = [_free_port() for _ in range(3)]
+    data_dir = Path(tempfile.mkdtemp(prefix="kgdemo", dir="/tmp"))
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "demo",
+            "--port",
+            str(ports[0]),
+            "--admin-port",
+            str(ports[1]),
+            "--upstream-port",
+            str(ports[2]),
+            "--data-dir",
+            str(data_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    assert process.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.strip() == "PY":
+            break
+    yield process, "".join(lines), ports
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_demo_prints_commands_that_work_as_printed(demo: object) -> None:
+    process, output, ports = demo  # type: ignore[misc]
+    assert "keygate demo is running" in output, output
+    curls = re.findall(r"^  (curl .*?(?:\\\n.*?)?)$", output, flags=re.M)
+    assert len(curls) == 6
+    results = [_call(line) for line in curls]
+    echo, chat, stream, wrong_model, no_key, admin_list = results
+    assert echo[0] == 200 and json.loads(echo[1])["path"] == "/echo/hello"
+    assert chat[0] == 200 and json.loads(chat[1])["choices"][0]["message"]["content"]
+    assert stream[0] == 200 and stream[1].rstrip().endswith("data: [DONE]")
+    assert (
+        wrong_model[0] == 403
+        and json.loads(wrong_model[1])["error"]["code"] == "forbidden_resource"
+    )
+    assert no_key[0] == 401
+    assert admin_list[0] == 200 and len(json.loads(admin_list[1])["data"]) == 2
+
+    snippet = output[output.index("python - <<'PY'") :].split("\n", 1)[1].rsplit("PY", 1)[0]
+    sdk = subprocess.run(
+        [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60
+    )
+    assert sdk.returncode == 0, sdk.stderr
+    assert sdk.stdout.splitlines() == ["Echo: hello", "Echo: stream this"]
+
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=15) == 0
+    for port in ports:
+        with socket.socket() as probe:
+            # SO_REUSEADDR passes TIME_WAIT leftovers but not a live listener.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))  # every listener it started is gone
