@@ -59,8 +59,15 @@ def extract(
         in_query = True
     if not found:
         return MISSING
+    if not all(_visible_ascii(value) for value in found):
+        return Extracted(None, Outcome.INVALID_KEY, "API keys are visible ASCII characters")
     if any(value != found[0] for value in found[1:]):
         return Extracted(
             None, Outcome.INVALID_REQUEST, "the request carries two different API keys; send one"
         )
     return Extracted(found[0], headers=tuple(carriers), in_query=in_query)
+
+
+def _visible_ascii(value: str) -> bool:
+    # Header bytes outside ASCII reach us as other characters; they can be no key's secret.
+    return value.isascii() and value.isprintable() and " " not in value

@@ -16,7 +16,7 @@ from gateway.store.record import KeyRecord
 
 from .body import read_object
 from .caller import Caller, Denied, authorize
-from .context import STORE
+from .context import SETTINGS, STORE
 
 MAX_PAGE = 1000
 MAX_GRACE_SECONDS = 30 * 86_400
@@ -92,7 +92,15 @@ def _flag(request: web.Request, name: str) -> bool:
 async def list_keys(request: web.Request) -> web.Response:
     caller = await authorize(request, "apikeys:view")
     query = request.query
-    unknown = set(query) - {"workspace_id", "user_id", "include_disabled", "limit", "cursor"}
+    credential = request.app[SETTINGS].keys.query_param  # when keys arrive as ?api_key=
+    unknown = set(query) - {
+        "workspace_id",
+        "user_id",
+        "include_disabled",
+        "limit",
+        "cursor",
+        credential,
+    }
     if unknown:
         raise Denied(invalid([(name, "unknown query parameter") for name in sorted(unknown)]))
     workspace = query.get("workspace_id")

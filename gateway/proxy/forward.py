@@ -36,12 +36,6 @@ def upstream_url(ctx: RequestContext, hide_query: str | None) -> URL:
     return URL(target + ("?" + raw_query if raw_query else ""), encoded=True)
 
 
-def _timeout(ctx: RequestContext) -> aiohttp.ClientTimeout:
-    assert ctx.match is not None
-    t = ctx.match.upstream.timeouts
-    return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.read)
-
-
 async def forward(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse:
     """Send the request upstream and stream the answer back; 502/504 problems on failure."""
     assert ctx.match is not None
@@ -70,7 +64,7 @@ async def forward(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse:
             headers=headers,
             data=data,
             allow_redirects=False,
-            timeout=_timeout(ctx),
+            timeout=proxy.timeouts[ctx.match.upstream.name],
         ) as upstream:
             response = web.StreamResponse(
                 status=upstream.status,

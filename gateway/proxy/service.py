@@ -49,6 +49,12 @@ class Proxy:
         self.authorizer = authorizer
         self.chain = tuple(chain)
         self.sessions: dict[str, aiohttp.ClientSession] = {}
+        self.timeouts = {
+            name: aiohttp.ClientTimeout(
+                total=u.timeouts.total, sock_connect=u.timeouts.connect, sock_read=u.timeouts.read
+            )
+            for name, u in settings.upstreams.items()
+        }
         self.stats = ProxyStats()
 
     async def start(self) -> None:

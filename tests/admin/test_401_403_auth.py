@@ -112,3 +112,23 @@ async def test_each_management_scope_opens_only_its_operation(
         await admin_client.patch(url, json={"name": "x"}, headers=bearer(updater))
     ).status == 200
     assert (await admin_client.delete(url, headers=bearer(deleter))).status == 204
+
+
+async def test_a_credential_with_non_ascii_bytes_is_401_not_a_crash(admin_client: Client) -> None:
+    response = await admin_client.get("/v1/keys", headers={"x-api-key": "kg_caf\u00e9-key-123"})
+    assert response.status == 401
+    assert (await response.json())["code"] == "invalid_key"
+
+
+async def test_a_query_credential_works_for_listing_when_enabled(
+    aiohttp_client: Any, settings: Any, store: Any, make_key: MakeKey
+) -> None:
+    from dataclasses import replace
+
+    from gateway.admin.app import build_admin_app
+
+    with_query = replace(settings, keys=replace(settings.keys, sources=("bearer", "query")))
+    client = await aiohttp_client(build_admin_app(with_query, store))
+    secret = (await make_key(scopes=["apikeys:view"])).secret
+    response = await client.get(f"/v1/keys?api_key={secret}&limit=5")
+    assert response.status == 200
