@@ -7,6 +7,7 @@ Redis on every request, so a change is seen by the very next request on every re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import OrderedDict
@@ -58,6 +59,13 @@ class HashCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+@functools.lru_cache(maxsize=4096)
+def _string_list(encoded: str) -> tuple[str, ...]:
+    """A record's JSON list (scopes, resources) as a tuple; the same few strings recur on
+    every request of a key, so they are parsed once."""
+    return tuple(json.loads(encoded))
 
 
 def _text(value: Any) -> str:
