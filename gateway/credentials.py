@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
+
+from multidict import MultiMapping
 
 from gateway.errors import Outcome
 
@@ -24,16 +25,19 @@ MISSING = Extracted(None, Outcome.MISSING_KEY, "no API key in the request")
 
 
 def extract(
-    headers: Mapping[str, str],
-    query: Mapping[str, str],
+    headers: MultiMapping[str],
+    query: MultiMapping[str],
     sources: tuple[str, ...],
     query_param: str = "api_key",
 ) -> Extracted:
-    """Read every enabled source; two different credentials are refused (400)."""
+    """Read every enabled source; two different credentials are refused (400).
+
+    Every value counts, not only the first: a repeated header or parameter carrying a
+    second key would otherwise slip past the check and reach the upstream unverified.
+    """
     found: list[str] = []
     carriers: list[str] = []
-    authorization = headers.get("Authorization")
-    if authorization is not None:
+    for authorization in headers.getall("Authorization", ()):
         scheme, _, value = authorization.strip().partition(" ")
         kind = scheme.lower()
         if (kind == "bearer" and "bearer" in sources) or (
@@ -48,15 +52,14 @@ def extract(
                 )
             found.append(value)
             carriers.append("Authorization")
-    if "x-api-key" in sources and (header := headers.get("x-api-key")) is not None:
-        if not header.strip():
-            return Extracted(None, Outcome.INVALID_KEY, "empty x-api-key header")
-        found.append(header.strip())
-        carriers.append("x-api-key")
-    in_query = False
-    if "query" in sources and (param := query.get(query_param)) is not None:
-        found.append(param)
-        in_query = True
+    if "x-api-key" in sources:
+        for header in headers.getall("x-api-key", ()):
+            if not header.strip():
+                return Extracted(None, Outcome.INVALID_KEY, "empty x-api-key header")
+            found.append(header.strip())
+            carriers.append("x-api-key")
+    params = query.getall(query_param, ()) if "query" in sources else ()
+    found.extend(params)
     if not found:
         return MISSING
     if not all(_visible_ascii(value) for value in found):
@@ -65,7 +68,7 @@ def extract(
         return Extracted(
             None, Outcome.INVALID_REQUEST, "the request carries two different API keys; send one"
         )
-    return Extracted(found[0], headers=tuple(carriers), in_query=in_query)
+    return Extracted(found[0], headers=tuple(dict.fromkeys(carriers)), in_query=bool(params))
 
 
 def _visible_ascii(value: str) -> bool:

@@ -71,6 +71,10 @@ _OPENAI_TYPE = {
     403: "permission_error",
     402: "insufficient_quota",
     429: "rate_limit_exceeded",
+    500: "server_error",
+    502: "server_error",
+    503: "server_error",
+    504: "server_error",
     404: "not_found_error",
 }
 

@@ -61,7 +61,8 @@ def upstream_request_headers(
     dropped = {d.lower() for d in drop}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        lower = name.lower()
+        # CGI-style upstreams read X_Keygate_Key_Id as X-Keygate-Key-Id: strip both.
+        lower = name.lower().replace("_", "-")
         if (
             name in HOP_BY_HOP
             or lower in named
@@ -72,7 +73,7 @@ def upstream_request_headers(
         ):
             continue
         out.add(name, value)
-    forwarded_for = incoming.get("X-Forwarded-For")
+    forwarded_for = ", ".join(incoming.getall("X-Forwarded-For", ())) or None
     if client_ip:
         forwarded_for = f"{forwarded_for}, {client_ip}" if forwarded_for else client_ip
     if forwarded_for:

@@ -73,4 +73,7 @@ class Proxy:
                 return response
         if ctx.match is not None and ctx.match.route.websocket and is_upgrade(request):
             return await proxy_websocket(self, ctx)
-        return await forward(self, ctx)
+        response = await forward(self, ctx)
+        if not response.prepared:  # a 502/504 problem; streamed answers carry it already
+            response.headers[REQUEST_ID] = ctx.request_id
+        return response

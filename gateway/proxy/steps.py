@@ -100,7 +100,9 @@ async def check_scopes(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse 
     if ctx.key is None:  # let through on a store error (fail_open): nothing to check
         return None
     scopes = ctx.match.route.scopes
-    needed = scopes.get(ctx.request.method) or scopes.get("*") or ()
+    needed = scopes.get(ctx.request.method)
+    if needed is None:  # an empty list for a method means "no scope", not "the default"
+        needed = scopes.get("*", ())
     lacking = missing(ctx.key.scopes, needed)
     if lacking:
         return deny(
@@ -119,7 +121,10 @@ async def check_resource(proxy: Proxy, ctx: RequestContext) -> web.StreamRespons
         return None  # an unrestricted key: the body is not read at all
     resource: object = None
     if rule.query is not None:
-        resource = ctx.request.query.get(rule.query)
+        values = ctx.request.query.getall(rule.query, ())
+        if len(values) > 1:  # upstreams disagree on which one counts: refuse to guess
+            return deny(ctx, Outcome.INVALID_REQUEST, f"{rule.query}: given more than once")
+        resource = values[0] if values else None
     elif rule.path_segment is not None:
         segments = ctx.path.strip("/").split("/")
         resource = segments[rule.path_segment] if rule.path_segment < len(segments) else None
