@@ -1,0 +1,576 @@
+"""`keygate keys ...` as an operator runs it: the real console script, a real server.
+
+Most tests point the CLI at the session's server with this test's key prefix (the
+``redis`` fixture deletes everything under it afterwards); the last ones use the default
+embedded mode, where the CLI starts and stops its own server, or attaches to the one a
+running ``keygate serve`` owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as sync_redis
+from redis.asyncio import Redis
+
+from gateway.store.keystore import KeyStore
+from tests.procs import (
+    KEYGATE,
+    Result,
+    alive,
+    answers,
+    clean_env,
+    embedded_config,
+    http_get,
+    keygate,
+    parent_of,
+    server_pid,
+    serving,
+    short_tmpdir,
+    write_config,
+)
+
+Cli = Callable[..., Awaitable[Result]]
+MakeKey = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture
+def config(tmp_path: Path, redis_url: str, key_prefix: str) -> Path:
+    """The session's server, under the same key prefix the ``redis`` fixture cleans up."""
+    return write_config(
+        tmp_path / "gateway.yaml",
+        {"redis": {"url": redis_url, "key_prefix": key_prefix}, "log": {"level": "warning"}},
+    )
+
+
+@pytest.fixture
+def cli(config: Path, tmp_path: Path, redis: Redis) -> Cli:
+    """``await cli("keys", "create", ...)``: one keygate process with this test's config.
+
+    (``redis`` is there for its teardown: it deletes every key under this test's prefix.)
+    """
+
+    async def run(*args: str, stdin: str | None = None) -> Result:
+        process = await asyncio.create_subprocess_exec(
+            *KEYGATE,
+            *args,
+            "--config",
+            str(config),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=tmp_path,
+            env=clean_env(),
+        )
+        try:
+            out, err = await asyncio.wait_for(
+                process.communicate(stdin.encode() if stdin is not None else b""), 30
+            )
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise
+        assert process.returncode is not None
+        assert "Traceback" not in err.decode(), err.decode()
+        return Result(process.returncode, out.decode(), err.decode())
+
+    return run
+
+
+def ok(result: Result) -> Result:
+    assert result.code == 0, result
+    assert result.err == "", result.err
+    return result
+
+
+def table(text: str) -> dict[str, str]:
+    """The readable form of one record: ``field  value`` lines."""
+    rows = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break
+        name, _, value = line.partition(" ")
+        rows[name] = value.strip()
+    return rows
+
+
+def tampered(secret: str) -> str:
+    """The secret with its last character changed."""
+    return secret[:-1] + ("A" if secret[-1] != "A" else "B")
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --- create, show, list: the secret is printed once ----------------------------------------
+
+
+async def test_create_prints_the_secret_once_and_show_and_list_never(
+    cli: Cli, store: KeyStore
+) -> None:
+    user = str(uuid.uuid4())
+    created = ok(
+        await cli(
+            "keys", "create", "--json", "--name", "ci bot", "--workspace", "ws-cli",
+            "--user-id", user, "--scope", "chat:invoke", "--scope", "apikeys:view",
+            "--resource", "gpt-4o-mini", "--limit", "12.5", "--limit-reset", "monthly",
+            "--rate-limit", "100/60", "--metadata", "team=ml", "--team-name", "ML",
+            "--type", "WORKSPACE_INVOKE", "--expires-at", "2099-01-31T00:00:00Z",
+        )
+    ).json()  # fmt: skip
+    secret = created["key"]
+    assert re.fullmatch(r"kg_[0-9A-Za-z]{36}", secret)
+    assert created["hash"] == sha256(secret)
+    assert created["prefix"] == secret[:12] and secret not in created["label"]
+    expected = {
+        "name": "ci bot",
+        "workspace_id": "ws-cli",
+        "user_id": user,
+        "scopes": ["chat:invoke", "apikeys:view"],
+        "resources": ["gpt-4o-mini"],
+        "limit": 12.5,
+        "limit_reset": "monthly",
+        "rate_limit": {"requests": 100, "period_seconds": 60.0},
+        "metadata": {"team": "ml"},
+        "team_name": "ML",
+        "type": "WORKSPACE_INVOKE",
+        "expires_at": "2099-01-31T00:00:00.000Z",
+        "status": "active",
+        "disabled": False,
+        "imported": False,
+    }
+    assert {k: created[k] for k in expected} == expected
+
+    auth = await store.authenticate(secret)
+    assert auth.status == "ok" and auth.record is not None and auth.record.id == created["id"]
+
+    # The readable form prints the secret once, after the record.
+    text = ok(await cli("keys", "create", "--name", "readable"))
+    fields = table(text.out)
+    shown = re.findall(r"^secret \(shown once, store it now\): (\S+)$", text.out, re.M)
+    assert len(shown) == 1 and text.out.count(shown[0]) == 1
+    assert fields["name"] == "readable" and fields["status"] == "active"
+    assert fields["hash"] == sha256(shown[0])
+    assert fields["workspace_id"] == "default"  # admin.default_workspace
+
+    outputs = await asyncio.gather(
+        cli("keys", "show", created["id"], "--json"),
+        cli("keys", "show", created["id"]),
+        cli("keys", "list", "--json"),
+        cli("keys", "list"),
+    )
+    for result in map(ok, outputs):
+        assert secret not in result.out and shown[0] not in result.out
+    shown_json = outputs[0].json()
+    assert "key" not in shown_json
+    assert shown_json == {k: v for k, v in created.items() if k != "key"}
+    rows = table(outputs[1].out)
+    assert rows["id"] == created["id"] and rows["label"] == created["label"]
+    assert rows["scopes"] == "chat:invoke,apikeys:view" and rows["limit"] == "12.5"
+    listed = outputs[2].json()
+    assert listed["next_cursor"] is None
+    assert {r["id"] for r in listed["data"]} == {created["id"], fields["id"]}
+    assert all("key" not in r for r in listed["data"])
+    lines = outputs[3].out.splitlines()
+    assert lines[0].split() == ["ID", "NAME", "LABEL", "WORKSPACE_ID", "SCOPES", "STATUS",
+                                "CREATED_AT"]  # fmt: skip
+    assert len(lines) == 3
+    assert any(line.startswith(created["id"]) and "ci bot" in line for line in lines)
+
+
+async def test_an_unknown_id_exits_1(cli: Cli) -> None:
+    missing = str(uuid.uuid4())
+    results = await asyncio.gather(
+        cli("keys", "show", "not-a-uuid"),
+        cli("keys", "update", missing, "--name", "x"),
+        cli("keys", "rotate", missing, "--json"),
+    )
+    given = ["not-a-uuid", missing, missing]
+    for result, raw in zip(results, given, strict=True):
+        assert result.code == 1 and result.out == "", result
+        assert result.err == f"keygate: no API key with id {raw!r}\n"
+
+
+# --- import --------------------------------------------------------------------------------
+
+
+async def test_import_by_key_stdin_and_sha256_and_refuse_duplicates(
+    cli: Cli, store: KeyStore, make_key: MakeKey
+) -> None:
+    legacy, piped, hashed, old = (f"sk-legacy-{uuid.uuid4().hex}" for _ in range(4))
+    by_key, by_stdin, by_hash, readable = await asyncio.gather(
+        cli("keys", "import", "--key", legacy, "--name", "legacy", "--json"),
+        cli("keys", "import", "--key", "-", "--scope", "chat:invoke", "--json",
+            stdin=piped + "\n"),
+        cli("keys", "import", "--sha256", sha256(hashed).upper(), "--workspace", "ws-b",
+            "--json"),
+        cli("keys", "import", "--key", old, "--name", "old"),
+    )  # fmt: skip
+    rows = table(ok(readable).out)
+    assert rows["imported"] == "True" and rows["name"] == "old" and rows["hash"] == sha256(old)
+    assert old not in readable.out and "secret" not in readable.out
+    records = [ok(r).json() for r in (by_key, by_stdin, by_hash)]
+    for result, secret, record in zip(
+        (by_key, by_stdin, by_hash), (legacy, piped, hashed), records, strict=True
+    ):
+        assert "key" not in record  # keygate did not make this secret: nothing to show once
+        assert secret not in result.out
+        assert record["imported"] is True and record["hash"] == sha256(secret)
+        auth = await store.authenticate(secret)
+        assert auth.status == "ok" and auth.record is not None
+        assert auth.record.id == record["id"]
+    assert records[0]["name"] == "legacy" and records[1]["scopes"] == ["chat:invoke"]
+    assert records[2]["workspace_id"] == "ws-b" and records[2]["label"].startswith("sha256:")
+
+    generated = (await make_key()).secret
+    again = await asyncio.gather(
+        cli("keys", "import", "--key", "-", stdin=piped),
+        cli("keys", "import", "--sha256", sha256(hashed)),
+        cli("keys", "import", "--key", generated, "--json"),
+    )
+    for result in again:
+        assert result.code == 1, result
+        assert result.err == "keygate: a key with this secret already exists\n"
+        assert result.out == ""
+    assert len((await store.list(workspace_id=None)).records) == 5  # nothing was added
+
+
+# --- list: filters and paging --------------------------------------------------------------
+
+
+async def test_list_filters(cli: Cli, make_key: MakeKey) -> None:
+    alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
+    a1 = await make_key(workspace_id="ws-a", user_id=alice, name="a1")
+    a2 = await make_key(workspace_id="ws-a", user_id=bob, name="a2")
+    off = await make_key(workspace_id="ws-a", user_id=alice, name="off", disabled=True)
+    b1 = await make_key(workspace_id="ws-b", user_id=alice, name="b1")
+
+    async def ids(*args: str) -> list[str]:
+        return [r["id"] for r in ok(await cli("keys", "list", "--json", *args)).json()["data"]]
+
+    *found, empty = await asyncio.gather(
+        ids(),
+        ids("--workspace", "ws-a"),
+        ids("--workspace", "ws-a", "--include-disabled"),
+        ids("--user-id", alice),
+        ids("--user-id", alice, "--include-disabled", "--workspace", "ws-a"),
+        cli("keys", "list", "--workspace", "ws-none"),
+    )
+
+    def listed(*keys: Any) -> list[str]:  # index order: created_at, then id within a ms
+        return [k.record.id for k in sorted(keys, key=lambda k: k.record.index_member())]
+
+    assert found == [
+        listed(a1, a2, b1),
+        listed(a1, a2),
+        listed(a1, a2, off),
+        listed(a1, b1),
+        listed(a1, off),
+    ]
+    assert ok(empty).out == "no keys\n"
+
+
+async def test_list_pages_visit_every_key_exactly_once(cli: Cli, make_key: MakeKey) -> None:
+    made = [await make_key(workspace_id="ws-p", name=f"k{i}") for i in range(8)]
+    await make_key(workspace_id="ws-p", disabled=True)  # skipped, without breaking pages
+    await make_key(workspace_id="ws-other")
+
+    first_text = asyncio.ensure_future(cli("keys", "list", "--workspace", "ws-p", "--limit", "3"))
+    seen: list[str] = []
+    cursor: str | None = None
+    cursors: list[str] = []
+    pages = 0
+    while True:
+        args = ["keys", "list", "--json", "--workspace", "ws-p", "--limit", "3"]
+        page = ok(await cli(*args, *(["--cursor", cursor] if cursor else []))).json()
+        pages += 1
+        assert len(page["data"]) <= 3
+        seen += [r["id"] for r in page["data"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+        cursors.append(cursor)
+        assert pages < 10, "paging does not end"
+    assert seen == [k.record.id for k in sorted(made, key=lambda k: k.record.index_member())]
+    assert pages == 3
+
+    lines = ok(await first_text).out.splitlines()
+    assert lines[-1] == f"more: --cursor {cursors[0]}"
+    assert [line.split()[0] for line in lines[1:4]] == seen[:3]
+
+
+# --- update --------------------------------------------------------------------------------
+
+
+async def test_update_changes_only_the_given_fields(cli: Cli, store: KeyStore) -> None:
+    created = ok(
+        await cli(
+            "keys", "create", "--json", "--name", "before", "--team-name", "T",
+            "--scope", "a:b", "--limit", "5", "--limit-reset", "daily",
+            "--metadata", "k=v", "--rate-limit", "10/1",
+        )
+    ).json()  # fmt: skip
+    key_id, secret = created["id"], created.pop("key")
+
+    def changed(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
+        return {k for k in before if before[k] != after[k]} - {"updated_at"}
+
+    renamed = ok(await cli("keys", "update", key_id, "--name", "after"))
+    rows = table(renamed.out)
+    assert rows["name"] == "after" and rows["team_name"] == "T" and rows["limit"] == "5.0"
+    assert secret not in renamed.out
+    renamed_json = {**created, "name": "after", "updated_at": None}
+
+    more = ok(
+        await cli(
+            "keys", "update", key_id, "--json", "--scope", "x:y", "--scope", "z:*",
+            "--limit", "7.25", "--expires-at", "2098-06-01T12:00:00+02:00",
+            "--clear", "team_name",
+        )
+    ).json()  # fmt: skip
+    assert changed(renamed_json, more) == {"scopes", "limit", "expires_at", "team_name"}
+    assert more["scopes"] == ["x:y", "z:*"] and more["limit"] == 7.25
+    assert more["expires_at"] == "2098-06-01T10:00:00.000Z" and more["team_name"] is None
+
+    disabled = ok(
+        await cli("keys", "update", key_id, "--json", "--clear", "name", "--disable")
+    ).json()
+    assert changed(more, disabled) == {"name", "disabled", "status"}
+    assert disabled["name"] is None
+    assert disabled["disabled"] is True and disabled["status"] == "disabled"
+    assert (await store.authenticate(secret)).status == "disabled"
+    hidden, shown = await asyncio.gather(
+        cli("keys", "list", "--json"), cli("keys", "list", "--json", "--include-disabled")
+    )
+    assert ok(hidden).json()["data"] == []
+    assert [r["id"] for r in ok(shown).json()["data"]] == [key_id]
+
+    enabled = ok(await cli("keys", "update", key_id, "--enable", "--json")).json()
+    assert changed(disabled, enabled) == {"disabled", "status"}
+    assert enabled["status"] == "active"
+    assert (await store.authenticate(secret)).status == "ok"
+    assert enabled["hash"] == created["hash"] and enabled["created_at"] == created["created_at"]
+    assert enabled["metadata"] == {"k": "v"} and enabled["limit_reset"] == "daily"
+    assert enabled["rate_limit"] == {"requests": 10, "period_seconds": 1.0}
+
+
+# --- revoke and rotate ---------------------------------------------------------------------
+
+
+async def test_revoke_then_show_says_no_such_key(
+    cli: Cli, store: KeyStore, make_key: MakeKey
+) -> None:
+    first_key, second_key = [
+        {"id": k.record.id, "key": k.secret} for k in (await make_key(), await make_key())
+    ]
+    revoked = ok(await cli("keys", "revoke", first_key["id"], "--json"))
+    assert revoked.json() == {"id": first_key["id"], "revoked": True}
+    assert ok(await cli("keys", "revoke", second_key["id"])).out == (
+        f"revoked {second_key['id']}\n"
+    )
+
+    shown, again, listed = await asyncio.gather(
+        cli("keys", "show", first_key["id"]),
+        cli("keys", "revoke", first_key["id"]),
+        cli("keys", "list", "--json", "--include-disabled"),
+    )
+    for result in (shown, again):
+        assert result.code == 1
+        assert result.err == f"keygate: no API key with id {first_key['id']!r}\n"
+    assert ok(listed).json()["data"] == []
+    assert (await store.authenticate(first_key["key"])).status == "not_found"
+    assert (await store.authenticate(second_key["key"])).status == "not_found"
+
+
+async def test_rotate_gives_a_new_secret_and_the_old_one_stops(
+    cli: Cli, store: KeyStore, make_key: MakeKey
+) -> None:
+    issued = await make_key(name="r")
+    created = {"id": issued.record.id, "key": issued.secret}
+    rotated = ok(await cli("keys", "rotate", created["id"], "--json")).json()
+    assert rotated["id"] == created["id"] and rotated["name"] == "r"
+    assert rotated["key"] != created["key"] and rotated["hash"] == sha256(rotated["key"])
+    assert (await store.authenticate(created["key"])).status == "not_found"
+    assert (await store.authenticate(rotated["key"])).status == "ok"
+
+    text = ok(await cli("keys", "rotate", created["id"]))
+    newest = re.findall(r"^secret \(shown once, store it now\): (\S+)$", text.out, re.M)
+    assert len(newest) == 1 and newest[0] not in (created["key"], rotated["key"])
+    assert (await store.authenticate(rotated["key"])).status == "not_found"
+    shown = ok(await cli("keys", "show", created["id"], "--json"))
+    assert newest[0] not in shown.out and "grace" not in shown.out
+
+
+async def test_rotate_with_grace_keeps_the_old_secret_until_the_grace_ends(
+    cli: Cli, store: KeyStore, make_key: MakeKey
+) -> None:
+    grace = 2.0
+    issued = await make_key()
+    created = {"id": issued.record.id, "key": issued.secret}
+    before = time.monotonic()  # the grace starts later, inside the CLI
+    rotated = ok(
+        await cli("keys", "rotate", created["id"], "--grace-seconds", str(grace), "--json")
+    ).json()
+    old = await store.authenticate(created["key"])
+    assert old.status == "ok" and old.record is not None and old.record.id == created["id"]
+    assert (await store.authenticate(rotated["key"])).status == "ok"
+    assert "grace" not in json.dumps(rotated)
+
+    while (await store.authenticate(created["key"])).status == "ok":
+        assert time.monotonic() - before < grace + 5, "the old secret outlived its grace"
+        await asyncio.sleep(0.05)
+    assert time.monotonic() - before > grace, "the grace was cut short"
+    assert (await store.authenticate(rotated["key"])).status == "ok"
+
+
+# --- bad input: exit status 2 and a line that names the field ------------------------------
+
+ANY_ID = str(uuid.uuid4())
+BAD_INPUT: list[tuple[list[str], tuple[str, ...]]] = [
+    (["create", "--limit", "-1"], (r"^keygate: limit: must be at least 0$",)),
+    (["create", "--expires-at", "next tuesday"], (r"^keygate: expires_at: must be an RFC 3339",)),
+    (["create", "--expires-at", "2001-01-01T00:00:00Z"], (r"^keygate: expires_at: .*future",)),
+    (["create", "--limit-reset", "hourly"], (r"argument --limit-reset: invalid choice: 'hourly'",)),
+    (["create", "--rate-limit", "ten"], (r"^keygate: --rate-limit: expected N/SECONDS",)),
+    (["update", ANY_ID, "--metadata", "novalue"], (r"^keygate: --metadata: expected KEY=VALUE",)),
+    (
+        ["create", "--limit", "-1", "--expires-at", "soon", "--user-id", "x"],
+        (
+            r"^(keygate: )?limit: ",
+            r"^(keygate: )?expires_at: ",
+            r"^(keygate: )?user_id: ",
+        ),  # all reported at once
+    ),
+    (["import", "--key", "short"], (r"^keygate: key: must match",)),
+    (["import"], (r"one of the arguments --key --sha256 is required",)),
+    (["list", "--limit", "-1"], (r"^keygate: --limit: must be from 1 to 1000$",)),
+    (["list", "--cursor", "bm9wZQ"], (r"^keygate: --cursor: cursor is not one keygate issued$",)),
+    (["update", ANY_ID], (r"^keygate: name at least one field to change$",)),
+    (["update", ANY_ID, "--clear", "colour"], (r"^keygate: colour: unknown field$",)),
+    (["rotate", ANY_ID, "--grace-seconds", "-1"], (r"^keygate: --grace-seconds: must be from 0",)),
+]
+BAD_IDS = [" ".join(args) for args, _ in BAD_INPUT]
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Result, list[str]]]:
+    """Every BAD_INPUT command, run at once (each ~0.5 s of start-up), each under its own
+    key prefix: case id -> (result, keys it wrote)."""
+    root = tmp_path_factory.mktemp("bad-input")
+    prefixes = {case: f"kgt{uuid.uuid4().hex[:10]}:" for case in BAD_IDS}
+    processes: dict[str, subprocess.Popen[str]] = {}
+    for (args, _), case in zip(BAD_INPUT, BAD_IDS, strict=True):
+        config = write_config(
+            root / f"{prefixes[case][:-1]}.yaml",
+            {"redis": {"url": redis_url, "key_prefix": prefixes[case]}},
+        )
+        processes[case] = subprocess.Popen(
+            [*KEYGATE, "keys", *args, "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=root,
+            env=clean_env(),
+        )
+    results = {}
+    try:
+        with sync_redis.Redis.from_url(redis_url, decode_responses=True) as client:
+            for case, process in processes.items():
+                out, err = process.communicate(timeout=60)
+                written = list(client.scan_iter(match=f"{prefixes[case]}*"))
+                if written:
+                    client.delete(*written)
+                results[case] = (Result(process.returncode, out, err), written)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results
+
+
+@pytest.mark.parametrize(("args", "messages"), BAD_INPUT, ids=BAD_IDS)
+def test_bad_input_exits_2_naming_the_field(
+    bad_input_results: dict[str, tuple[Result, list[str]]],
+    args: list[str],
+    messages: tuple[str, ...],
+) -> None:
+    result, written = bad_input_results[" ".join(args)]
+    assert result.code == 2, result
+    assert result.out == "" and "Traceback" not in result.err, result
+    lines = result.err.splitlines()
+    for message in messages:
+        assert any(re.search(message, line) for line in lines), (message, result.err)
+    assert written == []  # nothing is written unless every field is valid
+
+
+def test_an_unreachable_server_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "down.yaml",
+        {"redis": {"url": "redis://127.0.0.1:1", "connect_timeout": 0.5}},
+    )
+    result = keygate("keys", "list", "--config", str(config), cwd=tmp_path)
+    assert result.code == 1 and result.out == ""
+    assert result.err.startswith("keygate: the key store failed: ConnectionError")
+    assert len(result.err.splitlines()) == 1
+
+
+# --- embedded mode: the first admin key, with no key at all --------------------------------
+
+
+def test_embedded_first_admin_key_then_serve_and_attach() -> None:
+    with short_tmpdir() as root:
+        config = write_config(root / "gateway.yaml", embedded_config(root))
+        socket_path = root / "data" / "redis.sock"
+
+        def run(*args: str) -> Result:
+            result = keygate(*args, "--config", str(config), cwd=root)
+            assert result.code == 0 and "Traceback" not in result.err, result
+            return result
+
+        admin = run("keys", "create", "--scope", "*", "--name", "root", "--json").json()
+        # The CLI started its own server and stopped it again.
+        assert not answers(socket_path)
+        assert (root / "data" / "appendonlydir").is_dir()
+
+        with serving(config, root) as serve:
+            port = serve.admin_port
+            server = server_pid(socket_path)
+            assert parent_of(server) == serve.pid
+
+            status, body = http_get(port, "/v1/keys", admin["key"])
+            assert status == 200 and [r["id"] for r in body["data"]] == [admin["id"]]
+            assert http_get(port, "/v1/keys")[0] == 401
+            assert http_get(port, "/v1/keys", tampered(admin["key"]))[0] == 401
+
+            # The CLI attaches to the running server: it works and does not stop it.
+            listed = run("keys", "list", "--json").json()
+            assert [r["id"] for r in listed["data"]] == [admin["id"]]
+            viewer = run("keys", "create", "--scope", "apikeys:view", "--json").json()
+            assert serve.process.poll() is None and alive(server)
+            assert server_pid(socket_path) == server
+            status, body = http_get(port, f"/v1/keys/{viewer['id']}", viewer["key"])
+            assert status == 200 and body["scopes"] == ["apikeys:view"]
+
+            assert serve.signal(signal.SIGTERM) == 0
+        assert not alive(server)
+
+        # The next CLI call owns the data_dir again; both keys survived.
+        shown = run("keys", "list", "--json").json()
+        assert [r["id"] for r in shown["data"]] == [admin["id"], viewer["id"]]
+        assert not answers(socket_path)
