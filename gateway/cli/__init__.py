@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from redis.exceptions import RedisError
+
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load
 from gateway.config.reader import redact_url
@@ -54,11 +56,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway import logs, runtime
+    # aiohttp and the servers load only for `serve`, not for every CLI command.
+    from gateway import logs, runtime, server
 
     settings = load_settings(args.config)
     logs.setup(settings.log)
-    runtime.with_redis(settings, lambda url: runtime.serve(settings, url), attach=False)
+    runtime.with_redis(settings, lambda url: server.serve(settings, url), attach=False)
     return 0
 
 
@@ -85,5 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except keys.CommandError as exc:  # raised before a command reaches the store
         print(f"keygate: {exc}", file=sys.stderr)
         return exc.code
+    except RedisError as exc:
+        print(f"keygate: Redis failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. a listener's address already in use
+        print(f"keygate: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

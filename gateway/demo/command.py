@@ -13,7 +13,6 @@ from typing import Any
 from gateway import runtime
 from gateway.config.load import build
 from gateway.config.model import Settings
-from gateway.demo.upstream import start_upstream
 from gateway.store.keystore import KeyStore
 from gateway.store.record import MICRO
 
@@ -157,6 +156,10 @@ def run_demo(args: argparse.Namespace) -> int:
             return 1
     settings = demo_settings(args, args.upstream_port)
 
+    # aiohttp and the servers load only when the demo runs, not for every CLI command.
+    from gateway import server
+    from gateway.demo.upstream import start_upstream
+
     async def task(url: str) -> None:
         upstream, _ = await start_upstream("127.0.0.1", args.upstream_port)
 
@@ -173,7 +176,7 @@ def run_demo(args: argparse.Namespace) -> int:
             )
 
         try:
-            await runtime.serve(settings, url, on_ready=ready)
+            await server.serve(settings, url, on_ready=ready)
         finally:
             await upstream.cleanup()
         print("keygate demo stopped", flush=True)
