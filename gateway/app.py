@@ -9,6 +9,8 @@ from gateway.proxy import steps
 from gateway.proxy.authorize import KeyAuthorizer
 from gateway.proxy.service import Proxy
 from gateway.proxy.steps import Step
+from gateway.store.multiplex import RedisMultiplexer
+from gateway.store.names import KeyNames
 
 PROXY_CHAIN: tuple[Step, ...] = (
     steps.match_route,  # 400 bad path, 404 no route, 405 method
@@ -20,11 +22,18 @@ PROXY_CHAIN: tuple[Step, ...] = (
 # then proxy.forward: stream to the upstream and back (502, 504)
 
 
-def build_proxy(settings: Settings, authorizer: KeyAuthorizer) -> Proxy:
+def build_proxy(settings: Settings, redis: RedisMultiplexer) -> Proxy:
+    """The proxy with its chain, authorizing keys over ``redis``."""
+    authorizer = KeyAuthorizer(
+        redis,
+        KeyNames(settings.redis.key_prefix),
+        settings.keys.hash_cache_size,
+        settings.keys.secret_prefix,
+    )
     return Proxy(settings, authorizer, PROXY_CHAIN)
 
 
 def proxy_server(proxy: Proxy) -> web.Server:
     """The low-level server: no router or middleware layers on the hot path, and the
     handler is cancelled when the client disconnects, which drops the upstream request."""
-    return web.Server(proxy.handle, handler_cancellation=True)
+    return web.Server(proxy.handle, handler_cancellation=True, access_log=None)

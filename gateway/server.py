@@ -12,11 +12,9 @@ from aiohttp import web
 from gateway.admin.app import build_admin_app
 from gateway.app import build_proxy, proxy_server
 from gateway.config.model import Settings
-from gateway.proxy.authorize import KeyAuthorizer
 from gateway.runtime import open_store
 from gateway.store.keystore import KeyStore
 from gateway.store.multiplex import RedisMultiplexer
-from gateway.store.names import KeyNames
 
 log = logging.getLogger("keygate")
 
@@ -35,12 +33,7 @@ async def serve(
             connect_timeout=settings.redis.connect_timeout,
             socket_timeout=settings.redis.socket_timeout,
         )
-        proxy = build_proxy(
-            settings,
-            KeyAuthorizer(
-                multiplexer, KeyNames(settings.redis.key_prefix), settings.keys.hash_cache_size
-            ),
-        )
+        proxy = build_proxy(settings, multiplexer)
         await proxy.start()
         proxy_runner = web.ServerRunner(proxy_server(proxy), handle_signals=False)
         admin_runner = web.AppRunner(

@@ -18,6 +18,7 @@ from typing import Any
 from gateway.proxy.context import KeyIdentity
 from gateway.store.multiplex import LuaScript, RedisMultiplexer
 from gateway.store.names import KeyNames
+from gateway.store.secrets import has_bad_checksum
 
 AUTHORIZE = LuaScript.from_source(
     resources.files("gateway.store").joinpath("lua", "authorize.lua").read_text("utf-8")
@@ -68,21 +69,51 @@ def _string_list(encoded: str) -> tuple[str, ...]:
     return tuple(json.loads(encoded))
 
 
+@functools.lru_cache(maxsize=4096)
+def _scopes(encoded: str) -> tuple[tuple[str, ...], str]:
+    scopes = _string_list(encoded)
+    return scopes, " ".join(scopes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _identity(
+    key_id: Any, workspace_id: Any, user_id: Any, scopes: Any, resources: Any
+) -> KeyIdentity:
+    """The identity in an authorize reply; the same replies recur for a key, so the object
+    is built once and shared (it is immutable)."""
+    scope_list, scopes_header = _scopes(_text(scopes or "[]"))
+    return KeyIdentity(
+        id=_text(key_id),
+        workspace_id=_text(workspace_id),
+        user_id=_text(user_id),
+        scopes=scope_list,
+        resources=None if resources is None else _string_list(_text(resources)),
+        scopes_header=scopes_header,
+    )
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class KeyAuthorizer:
-    def __init__(self, redis: RedisMultiplexer, names: KeyNames, cache_size: int) -> None:
+    def __init__(
+        self, redis: RedisMultiplexer, names: KeyNames, cache_size: int, secret_prefix: str
+    ) -> None:
         self.redis = redis
         self.names = names
         self.cache = HashCache(cache_size)
+        self.secret_prefix = secret_prefix
 
     async def authorize(self, secret: str) -> Decision:
         """Decide for a presented secret. Raises Redis errors (the caller fails closed or
         open as configured)."""
         digest = hashlib.sha256(secret.encode()).hexdigest()
         key_id = self.cache.get(digest)
+        if key_id is None and has_bad_checksum(secret, self.secret_prefix):
+            # A mistyped or made-up keygate key: refused without asking Redis. A cached
+            # hash is a real key's, so the check is skipped on the hot path.
+            return NOT_FOUND
         if key_id is not None:
             decision = await self._decide(key_id, digest)
             if decision is not NOT_FOUND:
@@ -103,14 +134,4 @@ class KeyAuthorizer:
         status = _text(reply[0])
         if status == "not_found":
             return NOT_FOUND
-        resources_json = reply[6]
-        return Decision(
-            status,
-            KeyIdentity(
-                id=_text(reply[2]),
-                workspace_id=_text(reply[3]),
-                user_id=_text(reply[4]),
-                scopes=tuple(json.loads(reply[5] or b"[]")),
-                resources=None if resources_json is None else tuple(json.loads(resources_json)),
-            ),
-        )
+        return Decision(status, _identity(*reply[2:7]))

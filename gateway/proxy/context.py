@@ -20,6 +20,7 @@ class KeyIdentity:
     user_id: str
     scopes: tuple[str, ...]
     resources: tuple[str, ...] | None
+    scopes_header: str  # X-Keygate-Scopes, space-separated, built once per distinct value
 
 
 @dataclass(slots=True)
@@ -28,6 +29,7 @@ class RequestContext:
     request_id: str
     started: float = field(default_factory=time.perf_counter)
     path: str = ""
+    path_is_raw: bool = False  # the raw target needed no normalising: forward it as is
     match: Match | None = None
     secret: str | None = None
     credential_headers: tuple[str, ...] = ()

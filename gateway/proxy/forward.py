@@ -26,6 +26,9 @@ CHUNK = 65_536
 
 def upstream_url(ctx: RequestContext, hide_query: str | None) -> URL:
     assert ctx.match is not None
+    upstream = ctx.match.upstream
+    if hide_query is None and ctx.path_is_raw and ctx.match.upstream_path is ctx.path:
+        return URL(upstream.url + ctx.request.raw_path, encoded=True)  # nothing to re-encode
     query = ctx.request.query
     if hide_query is not None and hide_query in query:
         kept = MultiDict((k, v) for k, v in query.items() if k != hide_query)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import CIMultiDictProxy, istr
 
 from gateway.proxy.context import KeyIdentity
 
@@ -36,6 +36,11 @@ def request_id(incoming: str | None) -> str:
     return os.urandom(16).hex()  # as random as uuid4, without building a UUID object
 
 
+_HOP_BY_HOP_LOWER = frozenset(h.lower() for h in HOP_BY_HOP)
+_ALWAYS_REPLACED = _HOP_BY_HOP_LOWER | {"host", "x-request-id"}
+Headers = list[tuple[str, str]]  # handed to aiohttp as is: no intermediate multidict
+
+
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     tokens: set[str] = set()
     for value in headers.getall("Connection", ()):
@@ -51,53 +56,44 @@ def upstream_request_headers(
     request_id_value: str,
     client_ip: str | None,
     scheme: str,
-) -> CIMultiDict[str]:
+) -> Headers:
     """Headers for the upstream: hop-by-hop and credentials removed, identity added.
 
     Any ``X-Keygate-*`` header the client sent is dropped first, so an upstream can trust
     the ones it sees.
     """
-    named = _connection_tokens(incoming)
-    dropped = {d.lower() for d in drop}
-    out: CIMultiDict[str] = CIMultiDict()
+    skip = _ALWAYS_REPLACED
+    if drop or "Connection" in incoming:
+        skip = skip | {d.lower() for d in drop} | _connection_tokens(incoming)
+    out: Headers = []
     for name, value in incoming.items():
         # CGI-style upstreams read X_Keygate_Key_Id as X-Keygate-Key-Id: strip both.
         lower = name.lower().replace("_", "-")
-        if (
-            name in HOP_BY_HOP
-            or lower in named
-            or lower in dropped
-            or lower == "host"
-            or lower.startswith(IDENTITY_PREFIX)
-            or lower.startswith("x-forwarded-")
-        ):
+        if lower in skip or lower.startswith(("x-keygate-", "x-forwarded-")):
             continue
-        out.add(name, value)
-    forwarded_for = ", ".join(incoming.getall("X-Forwarded-For", ())) or None
+        out.append((name, value))
+    forwarded_for = ", ".join(incoming.getall("X-Forwarded-For", ()))
     if client_ip:
         forwarded_for = f"{forwarded_for}, {client_ip}" if forwarded_for else client_ip
     if forwarded_for:
-        out["X-Forwarded-For"] = forwarded_for
-    out["X-Forwarded-Proto"] = scheme
-    if "Host" in incoming:
-        out["X-Forwarded-Host"] = incoming["Host"]
-    out[REQUEST_ID] = request_id_value
+        out.append(("X-Forwarded-For", forwarded_for))
+    out.append(("X-Forwarded-Proto", scheme))
+    host = incoming.get("Host")
+    if host is not None:
+        out.append(("X-Forwarded-Host", host))
+    out.append(("X-Request-Id", request_id_value))
     if key is not None:
-        out["X-Keygate-Key-Id"] = key.id
-        out["X-Keygate-Workspace-Id"] = key.workspace_id
-        out["X-Keygate-Scopes"] = " ".join(key.scopes)
+        out.append(("X-Keygate-Key-Id", key.id))
+        out.append(("X-Keygate-Workspace-Id", key.workspace_id))
+        out.append(("X-Keygate-Scopes", key.scopes_header))
     return out
 
 
-def client_response_headers(
-    upstream: CIMultiDictProxy[str], request_id_value: str
-) -> CIMultiDict[str]:
+def client_response_headers(upstream: CIMultiDictProxy[str], request_id_value: str) -> Headers:
     """Upstream response headers for the client, hop-by-hop removed."""
-    named = _connection_tokens(upstream)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        if name in HOP_BY_HOP or name.lower() in named:
-            continue
-        out.add(name, value)
-    out[REQUEST_ID] = request_id_value
+    skip = _ALWAYS_REPLACED
+    if "Connection" in upstream:
+        skip = skip | _connection_tokens(upstream)
+    out: Headers = [(n, v) for n, v in upstream.items() if n.lower() not in skip]
+    out.append(("X-Request-Id", request_id_value))
     return out

@@ -3,10 +3,20 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote, unquote
 
 _FORBIDDEN_ENCODED = ("%2f", "%5c", "%00")
 _SAFE = "/:@!$&'()*+,;=~-._"
+
+
+_PLAIN = re.compile(r"(?:/[A-Za-z0-9_~!$&'()*+,;=:@-][A-Za-z0-9._~!$&'()*+,;=:@-]*)*/?(?:\?[^#]*)?")
+
+
+def is_plain(raw_target: str) -> bool:
+    """True when the raw target is already normal: no escapes, no dot segments, no empty
+    segments, nothing to decode. The common case skips the full normalisation."""
+    return _PLAIN.fullmatch(raw_target) is not None and "/." not in raw_target.partition("?")[0]
 
 
 class BadPath(ValueError):

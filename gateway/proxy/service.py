@@ -31,9 +31,7 @@ class ProxyStats:
 def upstream_session(upstream: Upstream) -> aiohttp.ClientSession:
     """One long-lived keep-alive pool per upstream, sized by its pool_size."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(
-            limit=upstream.pool_size, limit_per_host=upstream.pool_size, enable_cleanup_closed=True
-        ),
+        connector=aiohttp.TCPConnector(limit=upstream.pool_size, limit_per_host=upstream.pool_size),
         cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
         auto_decompress=False,  # bytes pass through as the upstream encoded them
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),

@@ -15,9 +15,8 @@ from gateway.credentials import extract
 from gateway.errors import Outcome, problem
 from gateway.policies.scopes import missing
 from gateway.proxy.context import RequestContext
-from gateway.proxy.paths import BadPath, normalize
+from gateway.proxy.paths import BadPath, is_plain, normalize
 from gateway.proxy.routing import MethodNotAllowed
-from gateway.store.secrets import has_bad_checksum
 
 if TYPE_CHECKING:
     from gateway.proxy.service import Proxy
@@ -32,10 +31,15 @@ def deny(ctx: RequestContext, outcome: Outcome, detail: str, **extra: Any) -> we
 
 
 async def match_route(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse | None:
-    try:
-        ctx.path = normalize(ctx.request.raw_path)
-    except (BadPath, UnicodeDecodeError) as exc:
-        return deny(ctx, Outcome.INVALID_REQUEST, f"path: {exc}")
+    raw = ctx.request.raw_path
+    if is_plain(raw):
+        ctx.path = raw.partition("?")[0]
+        ctx.path_is_raw = True
+    else:
+        try:
+            ctx.path = normalize(raw)
+        except (BadPath, UnicodeDecodeError) as exc:
+            return deny(ctx, Outcome.INVALID_REQUEST, f"path: {exc}")
     found = proxy.router.match(ctx.path, ctx.request.method)
     if found is None:
         return deny(ctx, Outcome.NOT_FOUND, "no route serves this path")
@@ -61,8 +65,6 @@ async def take_credential(proxy: Proxy, ctx: RequestContext) -> web.StreamRespon
     )
     if found.secret is None:
         return deny(ctx, found.outcome, found.detail)
-    if has_bad_checksum(found.secret, keys.secret_prefix):
-        return deny(ctx, Outcome.INVALID_KEY, "the API key is not valid")
     ctx.secret = found.secret
     if keys.hide_credentials:
         ctx.credential_headers = found.headers

@@ -34,10 +34,8 @@ from gateway.app import build_proxy, proxy_server
 from gateway.config.load import build
 from gateway.config.model import Settings
 from gateway.demo.upstream import build_upstream_app
-from gateway.proxy.authorize import KeyAuthorizer
 from gateway.proxy.service import Proxy
 from gateway.store.multiplex import RedisMultiplexer
-from gateway.store.names import KeyNames
 from gateway.store.secrets import BASE62
 from tests.procs import free_port
 
@@ -273,10 +271,7 @@ async def start_gateway(
             connect_timeout=settings.redis.connect_timeout,
             socket_timeout=settings.redis.socket_timeout,
         )
-        proxy = build_proxy(
-            settings,
-            KeyAuthorizer(mux, KeyNames(settings.redis.key_prefix), settings.keys.hash_cache_size),
-        )
+        proxy = build_proxy(settings, mux)
         await proxy.start()
         runner = web.ServerRunner(proxy_server(proxy), shutdown_timeout=0.5)
         await runner.setup()

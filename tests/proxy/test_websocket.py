@@ -13,9 +13,7 @@ from aiohttp import WSMsgType, web
 
 from gateway.app import build_proxy, proxy_server
 from gateway.config.load import build
-from gateway.proxy.authorize import KeyAuthorizer
 from gateway.store.multiplex import RedisMultiplexer
-from gateway.store.names import KeyNames
 from tests.conftest import MakeKey
 
 
@@ -71,7 +69,7 @@ async def ws_gateway(redis_url: str, key_prefix: str, tmp_path: Path) -> AsyncIt
         tmp_path,
     )
     mux = RedisMultiplexer(redis_url, connect_timeout=1, socket_timeout=2)
-    proxy = build_proxy(settings, KeyAuthorizer(mux, KeyNames(key_prefix), 100))
+    proxy = build_proxy(settings, mux)
     await proxy.start()
     gateway, port = await _start(proxy_server(proxy))
     yield port
