@@ -26,11 +26,13 @@ MISSING = Extracted(None, Outcome.MISSING_KEY, "no API key in the request")
 
 def extract(
     headers: MultiMapping[str],
-    query: MultiMapping[str],
+    query: MultiMapping[str] | None,
     sources: tuple[str, ...],
     query_param: str = "api_key",
 ) -> Extracted:
     """Read every enabled source; two different credentials are refused (400).
+
+    ``query`` may be None when the query is no source: parsing it costs more than the rest.
 
     Every value counts, not only the first: a repeated header or parameter carrying a
     second key would otherwise slip past the check and reach the upstream unverified.
@@ -58,7 +60,7 @@ def extract(
                 return Extracted(None, Outcome.INVALID_KEY, "empty x-api-key header")
             found.append(header.strip())
             carriers.append("x-api-key")
-    params = query.getall(query_param, ()) if "query" in sources else ()
+    params = query.getall(query_param, ()) if query is not None and "query" in sources else ()
     found.extend(params)
     if not found:
         return MISSING

@@ -57,12 +57,9 @@ async def match_route(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse |
 async def take_credential(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse | None:
     assert ctx.match is not None
     keys = proxy.settings.keys
-    found = extract(
-        ctx.request.headers,
-        ctx.request.query,
-        ctx.match.route.sources or keys.sources,
-        keys.query_param,
-    )
+    sources = ctx.match.route.sources or keys.sources
+    query = ctx.request.query if "query" in sources else None
+    found = extract(ctx.request.headers, query, sources, keys.query_param)
     if found.secret is None:
         return deny(ctx, found.outcome, found.detail)
     ctx.secret = found.secret
