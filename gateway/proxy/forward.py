@@ -51,35 +51,47 @@ async def forward(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse:
         client_ip=request.remote,
         scheme=request.scheme,
     )
+    upstream_settings = ctx.match.upstream
+    exchange = proxy.deadlines.start(
+        upstream_settings.timeouts.read, upstream_settings.timeouts.total
+    )
     if ctx.body is not None:
         data: object = ctx.body
-    elif request.body_exists:
-        data = request.content.iter_chunked(CHUNK)  # streamed, never buffered whole
+    elif request.body_exists:  # streamed, never buffered whole
+        data = exchange.while_sending(request.content.iter_chunked(CHUNK))
     else:
         data = None
     url = upstream_url(ctx, proxy.settings.keys.query_param if ctx.credential_in_query else None)
-    session = proxy.sessions[ctx.match.upstream.name]
+    session = proxy.sessions[upstream_settings.name]
     response: web.StreamResponse | None = None
     try:
         async with session.request(
-            request.method,
-            url,
-            headers=headers,
-            data=data,
-            allow_redirects=False,
-            timeout=proxy.timeouts[ctx.match.upstream.name],
+            request.method, url, headers=headers, data=data, allow_redirects=False
         ) as upstream:
+            exchange.touch()
             response = web.StreamResponse(
                 status=upstream.status,
                 reason=upstream.reason,
                 headers=client_response_headers(upstream.headers, ctx.request_id),
             )
+            exchange.pause()
             await response.prepare(request)
+            exchange.touch()
             async for chunk in upstream.content.iter_any():
+                exchange.pause()
                 await response.write(chunk)  # each chunk as it comes: SSE stays live
+                exchange.touch()
             await response.write_eof()
             return response
-    except TimeoutError:
+    except asyncio.CancelledError:
+        if not exchange.expired:
+            ctx.outcome = Outcome.UPSTREAM_ERROR  # the client went away; upstream dropped
+            raise
+        exchange.task.uncancel()  # our own timeout, not the client's cancel: answer 504
+        if response is None:
+            return deny(ctx, Outcome.UPSTREAM_TIMEOUT, "the upstream did not answer in time")
+        ctx.outcome = Outcome.UPSTREAM_TIMEOUT
+    except TimeoutError:  # the connect timeout, which aiohttp still enforces
         if response is None:
             return deny(ctx, Outcome.UPSTREAM_TIMEOUT, "the upstream did not answer in time")
         ctx.outcome = Outcome.UPSTREAM_TIMEOUT
@@ -89,12 +101,11 @@ async def forward(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse:
         ctx.outcome = Outcome.UPSTREAM_ERROR  # usually the client left mid-stream
     except aiohttp.ClientError as exc:
         if response is None:
-            log.info("upstream %s failed: %s", ctx.match.upstream.name, type(exc).__name__)
+            log.info("upstream %s failed: %s", upstream_settings.name, type(exc).__name__)
             return deny(ctx, Outcome.UPSTREAM_ERROR, "the upstream could not be reached")
         ctx.outcome = Outcome.UPSTREAM_ERROR
-    except asyncio.CancelledError:
-        ctx.outcome = Outcome.UPSTREAM_ERROR  # the client went away; the upstream is dropped
-        raise
+    finally:
+        proxy.deadlines.finish(exchange)
     # Failed mid-stream: the status line is gone, so cut the connection rather than end the
     # body cleanly; the client must not take a truncated answer for a whole one.
     if request.transport is not None:
