@@ -8,6 +8,8 @@ import asyncio
 import socket
 import struct
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -219,3 +221,50 @@ async def test_upstream_error_statuses_pass_through_untouched(
         assert response.status == code
         assert response.content_type == "application/json"  # the upstream's body, not ours
         assert (await response.json())["status"] == code
+
+
+async def test_a_steady_stream_outlives_the_idle_read_timeout(
+    gateway: Gateway, http: aiohttp.ClientSession, make_key: MakeKey
+) -> None:
+    """The read timeout is idle time, not duration: 6 chunks 0.15 s apart take ~0.9 s."""
+    headers = await _key(make_key)
+    url = f"{gateway.url}/tight/echo/stream?chunks=6&interval=0.15"
+    async with http.get(url, headers=headers) as response:
+        assert response.status == 200
+        body = await response.read()
+    assert body == b"".join(f"chunk {i}\n".encode() for i in range(6))
+
+
+async def test_a_slow_upload_with_steady_progress_is_not_a_timeout(
+    gateway: Gateway, http: aiohttp.ClientSession, make_key: MakeKey
+) -> None:
+    async def slowly() -> AsyncIterator[bytes]:
+        for _ in range(6):
+            await asyncio.sleep(0.15)  # 0.9 s in all, each gap under the 0.3 s idle timeout
+            yield b"x" * 1000
+
+    headers = await _key(make_key)
+    response = await http.post(
+        f"{gateway.url}/tight/echo?discard=1", data=slowly(), headers=headers
+    )
+    assert response.status == 200
+    assert (await response.json())["body_bytes"] == 6000
+
+
+async def test_the_total_timeout_ends_a_steady_but_endless_stream(
+    start_gateway: StartGateway, http: aiohttp.ClientSession, make_key: MakeKey, upstream: Any
+) -> None:
+    gateway = await start_gateway(
+        upstreams={
+            "short": {"url": upstream.url, "timeouts": {"connect": 1, "read": 1, "total": 0.6}}
+        },
+        routes=[{"name": "short", "prefix": "/short", "upstream": "short", "strip_prefix": True}],
+    )
+    headers = await _key(make_key)
+    started = time.monotonic()
+    url = f"{gateway.url}/short/echo/stream?chunks=20&interval=0.1"
+    async with http.get(url, headers=headers) as response:
+        assert response.status == 200
+        received = await _truncated(response)
+    assert 0.5 <= time.monotonic() - started < 1.5
+    assert received.startswith(b"chunk 0\n") and b"chunk 19" not in received
