@@ -302,3 +302,20 @@ async def test_the_query_string_passes_through_byte_for_byte(
         url = URL(f"{gateway.url}{path}?{query}", encoded=True)
         await echoed(await http.get(url, headers=bearer(issued.secret)))
         assert upstream.hits[-1].raw_path == f"{forwarded}?{query}"
+
+
+async def test_the_proxy_invents_no_request_headers(gateway: Gateway, make_key: MakeKey) -> None:
+    """No Accept, Accept-Encoding, User-Agent or Content-Type the client did not send:
+    an invented Accept-Encoding would have the upstream compress for a client that never
+    asked, and an invented Content-Type mislabels bodies."""
+    issued = await make_key(scopes=ECHO_SCOPES)
+    for method, body in (("GET", ""), ("POST", "raw bytes")):
+        head = (
+            f"{method} /echo/x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {issued.secret}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}"
+        )
+        response = await raw_http(gateway.port, head.encode())
+        assert response.status == 200, response.body
+        names = _names(json.loads(response.body))
+        for invented in ("accept", "accept-encoding", "user-agent", "content-type"):
+            assert invented not in names, (method, invented)
