@@ -156,13 +156,7 @@ async def _short_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWri
 
 
 async def _reset_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await read_request_head(reader)
-    writer.write(
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
-    )
-    writer.write(b"%x\r\n%s\r\n" % (len(PARTIAL), PARTIAL))
-    await writer.drain()
-    await asyncio.sleep(0.05)
+    await _short_chunked(reader, writer)
     _reset(writer)
 
 
