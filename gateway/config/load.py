@@ -386,6 +386,27 @@ def build(raw: Mapping[str, Any], base: Path) -> Settings:
     return settings
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping.
+
+    Plain YAML keeps the last one silently, so a second ``routes:`` or a repeated
+    ``upstream:`` would replace the first without a word.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):  # unhashable: let PyYAML report it as usual
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
     """Read ``path`` (or defaults when None), apply KEYGATE_* overrides, validate.
 
@@ -402,7 +423,7 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Setting
             line = exc.object.count(b"\n", 0, exc.start) + 1
             raise ConfigError([f"{path}:{line}: not valid YAML (not UTF-8 text)"]) from None
         try:
-            raw = yaml.safe_load(text)
+            raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             position = getattr(exc, "position", None)  # a ReaderError: a forbidden character

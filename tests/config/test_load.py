@@ -922,3 +922,21 @@ def test_check_config_reports_a_missing_file(tmp_path: Path) -> None:
     done = check_config(tmp_path / "missing.yaml")
     assert done.returncode == 2
     assert done.stderr == f"{tmp_path / 'missing.yaml'}: cannot read (No such file or directory)\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key"),
+    [
+        ("redis:\n  url: embedded\n  url: redis://127.0.0.1:6379/0\n", 3, "url"),
+        ("routes: []\nlisten: 127.0.0.1:1\nroutes: []\n", 3, "routes"),
+        ("upstreams:\n  llm: {url: 'http://a:1', url: 'http://b:2'}\n", 2, "url"),
+    ],
+)
+def test_a_key_given_twice_is_a_problem_not_a_silent_override(
+    tmp_path: Path, text: str, line: int, key: str
+) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load(path, environ={})
+    assert error.value.problems == [f"{path}:{line}: not valid YAML (key {key!r} is given twice)"]
