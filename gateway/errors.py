@@ -79,10 +79,6 @@ _OPENAI_TYPE = {
 }
 
 
-def status_of(outcome: Outcome) -> int:
-    return _STATUS[outcome][0]
-
-
 def _auth_challenge(outcome: Outcome, scope: str | None) -> str | None:
     if outcome is Outcome.MISSING_KEY:
         return REALM

@@ -63,32 +63,19 @@ class HashCache:
 
 
 @functools.lru_cache(maxsize=4096)
-def _string_list(encoded: str) -> tuple[str, ...]:
-    """A record's JSON list (scopes, resources) as a tuple; the same few strings recur on
-    every request of a key, so they are parsed once."""
-    return tuple(json.loads(encoded))
-
-
-@functools.lru_cache(maxsize=4096)
-def _scopes(encoded: str) -> tuple[tuple[str, ...], str]:
-    scopes = _string_list(encoded)
-    return scopes, " ".join(scopes)
-
-
-@functools.lru_cache(maxsize=4096)
 def _identity(
     key_id: Any, workspace_id: Any, user_id: Any, scopes: Any, resources: Any
 ) -> KeyIdentity:
-    """The identity in an authorize reply; the same replies recur for a key, so the object
-    is built once and shared (it is immutable)."""
-    scope_list, scopes_header = _scopes(_text(scopes or "[]"))
+    """The identity in an authorize reply. A key's replies repeat request after request, so
+    the JSON is parsed and the object built once per distinct reply (it is immutable)."""
+    scope_list = tuple(json.loads(scopes or "[]"))
     return KeyIdentity(
         id=_text(key_id),
         workspace_id=_text(workspace_id),
         user_id=_text(user_id),
         scopes=scope_list,
-        resources=None if resources is None else _string_list(_text(resources)),
-        scopes_header=scopes_header,
+        resources=None if resources is None else tuple(json.loads(resources)),
+        scopes_header=" ".join(scope_list),
     )
 
 

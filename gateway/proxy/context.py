@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -27,7 +26,6 @@ class KeyIdentity:
 class RequestContext:
     request: web.BaseRequest
     request_id: str
-    started: float = field(default_factory=time.perf_counter)
     path: str = ""
     path_is_raw: bool = False  # the raw target needed no normalising: forward it as is
     match: Match | None = None
@@ -35,10 +33,8 @@ class RequestContext:
     credential_headers: tuple[str, ...] = ()
     credential_in_query: bool = False
     key: KeyIdentity | None = None
-    resource: str | None = None
     body: bytes | None = None  # read only when a rule needs it (resource from JSON)
     outcome: Outcome = Outcome.OK
-    failed_open: bool = False
 
     @property
     def error_format(self) -> ErrorFormat:

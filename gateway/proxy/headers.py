@@ -12,20 +12,18 @@ from gateway.proxy.context import KeyIdentity
 
 # RFC 9110 §7.6.1, plus the de facto ones proxies drop.
 HOP_BY_HOP = frozenset(
-    istr(h)
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "Proxy-Connection",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
     )
 )
-IDENTITY_PREFIX = "x-keygate-"
 REQUEST_ID = istr("X-Request-Id")
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -43,8 +41,7 @@ def request_id(incoming: str | None) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"  # 32 hex digits, like a uuid4 hex
 
 
-_HOP_BY_HOP_LOWER = frozenset(h.lower() for h in HOP_BY_HOP)
-_ALWAYS_REPLACED = _HOP_BY_HOP_LOWER | {"host", "x-request-id"}
+_ALWAYS_REPLACED = HOP_BY_HOP | {"host", "x-request-id"}  # lower-case names
 Headers = list[tuple[str, str]]  # handed to aiohttp as is: no intermediate multidict
 
 

@@ -82,7 +82,6 @@ async def authorize_key(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse
         decision = await proxy.authorizer.authorize(ctx.secret)
     except (RedisError, OSError) as exc:
         if proxy.settings.redis.on_error == "fail_open":
-            ctx.failed_open = True
             proxy.stats.failed_open += 1
             return None
         log.warning("key store unavailable: %s", type(exc).__name__)
@@ -149,7 +148,6 @@ async def check_resource(proxy: Proxy, ctx: RequestContext) -> web.StreamRespons
         )
     if resource not in ctx.key.resources:
         return deny(ctx, Outcome.FORBIDDEN_RESOURCE, f"this key may not use {resource[:200]!r}")
-    ctx.resource = resource
     return None
 
 
