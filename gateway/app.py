@@ -11,24 +11,30 @@ from gateway.proxy.service import Proxy
 from gateway.proxy.steps import Step
 from gateway.store.multiplex import RedisMultiplexer
 from gateway.store.names import KeyNames
+from gateway.usage.periods import ClockOverride, server_clock
 
 PROXY_CHAIN: tuple[Step, ...] = (
     steps.match_route,  # 400 bad path, 404 no route, 405 method
     steps.take_credential,  # 401 missing or bad checksum, 400 two different keys
-    steps.authorize_key,  # 401 unknown/expired, 403 disabled, 503 store down: ONE Redis call
-    steps.check_scopes,  # 403 insufficient_scope
-    steps.check_resource,  # 403 resource not allowed (reads a JSON body only if restricted)
+    # ONE Redis call decides: 401 unknown/expired, 403 disabled, insufficient_scope or
+    # resource not allowed (a JSON body is read only for a restricted key), 429 rate
+    # limited, 402 spending cap reached, 503 store down; and reserves the expected cost
+    steps.authorize_key,
 )
-# then proxy.forward: stream to the upstream and back (502, 504)
+# then proxy.forward: stream to the upstream and back (502, 504), then settle the cost
 
 
-def build_proxy(settings: Settings, redis: RedisMultiplexer) -> Proxy:
-    """The proxy with its chain, authorizing keys over ``redis``."""
+def build_proxy(
+    settings: Settings, redis: RedisMultiplexer, clock: ClockOverride = server_clock
+) -> Proxy:
+    """The proxy with its chain, authorizing keys over ``redis``; ``clock`` is for tests of
+    period rollover (the scripts use the Redis server's TIME otherwise)."""
     authorizer = KeyAuthorizer(
         redis,
         KeyNames(settings.redis.key_prefix),
         settings.keys.hash_cache_size,
         settings.keys.secret_prefix,
+        clock,
     )
     return Proxy(settings, authorizer, PROXY_CHAIN)
 

@@ -97,8 +97,12 @@ def problem(
     headers: Mapping[str, str] | None = None,
     scope: str | None = None,
     error_format: ErrorFormat = "problem",
+    extra: Mapping[str, object] | None = None,
 ) -> web.Response:
-    """The response for a denial or error: status, headers and body, nothing else."""
+    """The response for a denial or error: status, headers and body, nothing else.
+
+    ``extra`` adds members to the body (RFC 9457 extension members; inside ``error`` in
+    OpenAI's shape), e.g. the spending cap that refused a request."""
     status, title = _STATUS[outcome]
     out_headers = dict(headers or {})
     challenge = _auth_challenge(outcome, scope)
@@ -112,6 +116,7 @@ def problem(
                 "message": detail,
                 "type": _OPENAI_TYPE.get(status, "invalid_request_error"),
                 "code": outcome.value,
+                **(extra or {}),
             }
         }
         content_type = "application/json"
@@ -125,6 +130,8 @@ def problem(
         }
         if errors:
             body["errors"] = [dict(e) for e in errors]
+        if extra:
+            body.update(extra)
         content_type = PROBLEM_TYPE
     return web.Response(
         status=status, headers=out_headers, content_type=content_type, text=json.dumps(body)

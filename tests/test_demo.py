@@ -81,9 +81,9 @@ def test_demo_prints_commands_that_work_as_printed(demo: object) -> None:
     process, output, ports = demo  # type: ignore[misc]
     assert "keygate demo is running" in output, output
     curls = re.findall(r"^  (curl .*?(?:\\\n.*?)?)$", output, flags=re.M)
-    assert len(curls) == 6
+    assert len(curls) == 7
     results = [_call(line) for line in curls]
-    echo, chat, stream, wrong_model, no_key, admin_list = results
+    echo, chat, stream, wrong_model, own_key, no_key, admin_list = results
     assert echo[0] == 200 and json.loads(echo[1])["path"] == "/echo/hello"
     assert chat[0] == 200 and json.loads(chat[1])["choices"][0]["message"]["content"]
     assert stream[0] == 200 and stream[1].rstrip().endswith("data: [DONE]")
@@ -91,6 +91,12 @@ def test_demo_prints_commands_that_work_as_printed(demo: object) -> None:
         wrong_model[0] == 403
         and json.loads(wrong_model[1])["error"]["code"] == "forbidden_resource"
     )
+    assert own_key[0] == 200
+    spent = json.loads(own_key[1])["data"]
+    assert spent["total_uses"] == 3 and 0 < spent["usage_daily"] == spent["usage"]
+    assert spent["limit"] == 0.01
+    assert spent["limit_remaining"] == round(0.01 - spent["usage"], 6)
+    assert spent["rate_limit_state"]["requests"] == 60
     assert no_key[0] == 401
     assert admin_list[0] == 200 and len(json.loads(admin_list[1])["data"]) == 2
 

@@ -10,12 +10,114 @@ from aiohttp import web
 from gateway import __version__
 from gateway.store.input import fields_for
 from gateway.store.record import KEY_TYPES, PERIODS
+from gateway.usage.history import WINDOW
 
 from .keys import MAX_GRACE_SECONDS, MAX_PAGE
 
 _NULLABLE_STRING = {"type": ["string", "null"]}
 _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
 _MONEY = {"type": "number", "minimum": 0}
+_CREDITS = {"type": "number", "description": "Credits (1 credit = 1,000,000 micro-units)."}
+_TIME = {"type": "string", "format": "date-time"}
+
+
+def _derived_schema() -> dict[str, Any]:
+    """The usage fields a key record carries (DESIGN §5), read when the response is made."""
+    usage = {
+        f"{kind}{suffix}": _CREDITS
+        for kind in ("usage", "byok_usage")
+        for suffix in ("", "_daily", "_weekly", "_monthly")
+    }
+    return {
+        "limit_remaining": {
+            "type": ["number", "null"],
+            "minimum": 0,
+            "description": "Room left under `limit` in its current period; null: no limit.",
+        },
+        **usage,
+        "usage_resets_at": {
+            "type": "object",
+            "description": "When the current day, ISO week and month end (UTC).",
+            "additionalProperties": False,
+            "required": list(PERIODS),
+            "properties": {period: _TIME for period in PERIODS},
+        },
+        "caps": {
+            "type": "array",
+            "description": "`limit` (when set) and every spend cap, with the spend that counts "
+            "against it now.",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "amount", "period", "used", "remaining", "resets_at"],
+                "properties": {
+                    "name": {"type": "string", "examples": ["limit", "spend_caps[0]"]},
+                    "amount": _MONEY,
+                    "period": {"type": "string", "enum": [*PERIODS, "total"]},
+                    "used": _CREDITS,
+                    "remaining": _MONEY,
+                    "resets_at": {**_NULLABLE_TIME, "description": "null: never (total)."},
+                },
+            },
+        },
+        "rate_limit_state": {
+            "type": ["object", "null"],
+            "description": "The key's own rate limit now; null when it has none.",
+            "additionalProperties": False,
+            "required": ["requests", "period_seconds", "remaining", "full_at"],
+            "properties": {
+                "requests": {"type": "integer", "minimum": 1},
+                "period_seconds": {"type": "number", "exclusiveMinimum": 0},
+                "remaining": {"type": "integer", "minimum": 0},
+                "full_at": _TIME,
+            },
+        },
+    }
+
+
+def _usage_history_schema() -> dict[str, Any]:
+    point = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["period", "start", "end", "usage", "byok_usage"],
+        "properties": {
+            "period": {
+                "type": "string",
+                "description": "The bucket: 2026-11-22, 2026-W47 (ISO week) or 2026-11.",
+            },
+            "start": _TIME,
+            "end": {**_TIME, "description": "Exclusive: when the period resets."},
+            "usage": _CREDITS,
+            "byok_usage": _CREDITS,
+        },
+    }
+
+    def series(count: int, text: str) -> dict[str, Any]:
+        return {
+            "type": "array",
+            "minItems": count,
+            "maxItems": count,
+            "description": text,
+            "items": {"$ref": "#/components/schemas/UsagePoint"},
+        }
+
+    return {
+        "UsagePoint": point,
+        "UsageHistory": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["key_id", "now", "daily", "weekly", "monthly"],
+            "properties": {
+                "key_id": {"type": "string", "format": "uuid"},
+                "now": {**_TIME, "description": "The Redis server's clock."},
+                "daily": series(WINDOW["daily"], "UTC days, oldest first, today last."),
+                "weekly": series(
+                    WINDOW["weekly"], "ISO weeks (from Monday), oldest first, this week last."
+                ),
+                "monthly": series(WINDOW["monthly"], "Months, oldest first, this month last."),
+            },
+        },
+    }
 
 
 def _input_schema(mode: Any) -> dict[str, Any]:
@@ -72,6 +174,7 @@ def _key_schema(with_secret: bool) -> dict[str, Any]:
         },
         "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
         "imported": {"type": "boolean", "description": "Adopted from an existing secret or hash."},
+        **_derived_schema(),
     }
     if with_secret:
         properties["key"] = {"type": "string", "description": "The secret. Shown only here, once."}
@@ -236,6 +339,20 @@ def document() -> dict[str, Any]:
                     ),
                 },
             },
+            "/v1/keys/{key_id}/usage": {
+                "parameters": [_KEY_ID],
+                "get": {
+                    "operationId": "getKeyUsage",
+                    "summary": "Usage per day, ISO week and month, for charts",
+                    "description": "Credits spent (and BYOK credits) in each of the last "
+                    f"{WINDOW['daily']} UTC days, {WINDOW['weekly']} ISO weeks and "
+                    f"{WINDOW['monthly']} months, oldest first, the current period last; "
+                    "periods without usage are 0. Needs apikeys:view.",
+                    "responses": _responses(
+                        {"200": _json("UsageHistory", "The key's usage history.")}, "404"
+                    ),
+                },
+            },
             "/openapi.json": {
                 "get": {
                     "operationId": "getOpenApiDocument",
@@ -289,6 +406,7 @@ def document() -> dict[str, Any]:
                         "next_cursor": _NULLABLE_STRING,
                     },
                 },
+                **_usage_history_schema(),
                 "Problem": {
                     "type": "object",
                     "required": ["type", "title", "status", "detail", "code"],

@@ -14,7 +14,7 @@ from gateway import runtime
 from gateway.config.load import build
 from gateway.config.model import Settings
 from gateway.store.keystore import KeyStore
-from gateway.store.record import MICRO
+from gateway.store.record import MICRO, RateLimitSpec
 
 DEMO_TAG = {"keygate_demo": "true"}
 
@@ -33,6 +33,9 @@ def demo_settings(args: argparse.Namespace, upstream_port: int) -> Settings:
                 "methods": ["POST"],
                 "scopes": ["chat:invoke"],
                 "resource": {"json": "model"},
+                # The sample upstream states each reply's price in X-Usage-Cost.
+                "cost": {"header": "X-Usage-Cost"},
+                "reserve": 0.001,
                 "error_format": "openai",
             },
             {
@@ -89,8 +92,9 @@ async def _replace_demo_keys(store: KeyStore) -> tuple[str, str]:
             "user_id": user,
             "scopes": ("chat:invoke", "echo:read"),
             "resources": ("gpt-4o-mini",),
-            "limit_micro": 5 * MICRO,
+            "limit_micro": MICRO // 100,  # 0.01 a day: a few hundred demo replies
             "limit_reset": "daily",
+            "rate_limit": RateLimitSpec(60, 60),
             "metadata": DEMO_TAG,
         }
     )
@@ -115,7 +119,8 @@ keygate demo is running (Ctrl-C stops everything it started)
   admin   {admin_url}      key management, /openapi.json
 
   admin key  (scopes *):                                 {admin}
-  user key   (chat:invoke echo:read, model gpt-4o-mini):  {user}
+  user key   (chat:invoke echo:read, model gpt-4o-mini,
+              0.01 a day, 60 requests a minute):          {user}
 
 Try it:
 
@@ -127,6 +132,8 @@ Try it:
   # 403, this key may not use that model:
   curl -s {proxy}/v1/chat/completions -H 'Authorization: Bearer {user}' \\
        -H 'Content-Type: application/json' -d '{wrong}'
+  # what the user key has spent today, this week and month, and what is left:
+  curl -s {proxy}/v1/key -H 'Authorization: Bearer {user}'
   # 401, no key:
   curl -s {proxy}/echo/hello
   curl -s {admin_url}/v1/keys -H 'Authorization: Bearer {admin}'

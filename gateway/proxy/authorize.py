@@ -12,23 +12,53 @@ import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
+from gateway.policies.limits import RoutePolicy
 from gateway.proxy.context import KeyIdentity
 from gateway.store.multiplex import LuaScript, RedisMultiplexer
 from gateway.store.names import KeyNames
+from gateway.store.scripts import script_source
 from gateway.store.secrets import has_bad_checksum
+from gateway.usage.periods import ClockOverride, server_clock
 
-AUTHORIZE = LuaScript.from_source(
-    resources.files("gateway.store").joinpath("lua", "authorize.lua").read_text("utf-8")
-)
+AUTHORIZE = LuaScript.from_source(script_source("authorize"))
+SETTLE = LuaScript.from_source(script_source("settle"))
+
+
+@dataclass(frozen=True, slots=True)
+class RateState:
+    """The rate limit that applied, for the RateLimit headers (IETF draft) and 429s."""
+
+    policy: str  # "key" (the key's own limit) or "route" (the route's default)
+    requests: int
+    window_ms: int
+    remaining: int
+    full_in_ms: int  # until the whole burst is available again
+    retry_in_ms: int  # until the next request is allowed (0 when allowed now)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockedCap:
+    """The spending cap that refused a request: the one that resets last."""
+
+    name: str  # "limit" or "spend_caps[i]"
+    amount_micro: int
+    period: str
+    counted_micro: int
+    resets_at_ms: int | None  # None: a cap over all time
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    status: str  # ok | not_found | disabled | expired
+    # ok | not_found | disabled | expired | forbidden_scope | forbidden_resource |
+    # need_resource | rate_limited | spend_limited
+    status: str
     key: KeyIdentity | None = None
+    now_ms: int = 0  # the script's clock: settle charges the buckets of this instant
+    held_micro: int = 0  # reserved against the caps; settle trues it up
+    rate: RateState | None = None
+    cap: BlockedCap | None = None
 
 
 NOT_FOUND = Decision("not_found")
@@ -85,24 +115,47 @@ def _text(value: Any) -> str:
 
 class KeyAuthorizer:
     def __init__(
-        self, redis: RedisMultiplexer, names: KeyNames, cache_size: int, secret_prefix: str
+        self,
+        redis: RedisMultiplexer,
+        names: KeyNames,
+        cache_size: int,
+        secret_prefix: str,
+        clock: ClockOverride = server_clock,
     ) -> None:
         self.redis = redis
         self.names = names
         self.cache = HashCache(cache_size)
         self.secret_prefix = secret_prefix
+        self.clock = clock  # '' (the server's TIME) except in tests of period rollover
 
-    async def authorize(self, secret: str) -> Decision:
-        """Decide for a presented secret. Raises Redis errors (the caller fails closed or
-        open as configured)."""
+    async def authorize(
+        self, secret: str, policy: RoutePolicy, method: str, resource: str | None = None
+    ) -> Decision:
+        """Decide for a presented secret on a route: every check and, when all pass, the
+        reservation, in one script. ``resource`` is the request's resource when the route
+        names one and it has been read ("" when the request names none); None when it has
+        not been read, and then a key restricted to resources gets ``need_resource``.
+
+        Raises Redis errors (the caller fails closed or open as configured)."""
         digest = hashlib.sha256(secret.encode()).hexdigest()
         key_id = self.cache.get(digest)
         if key_id is None and has_bad_checksum(secret, self.secret_prefix):
             # A mistyped or made-up keygate key: refused without asking Redis. A cached
             # hash is a real key's, so the check is skipped on the hot path.
             return NOT_FOUND
+        args = (
+            digest,
+            self.clock(),
+            policy.reserve_micro,
+            policy.byok,
+            policy.needed_scopes(method),
+            "0" if not policy.names_resource else "1" if resource is None else "2",
+            resource or "",
+            policy.rate_requests,
+            policy.rate_period_ms,
+        )
         if key_id is not None:
-            decision = await self._decide(key_id, digest)
+            decision = await self._decide(key_id, policy, args)
             if decision is not NOT_FOUND:
                 return decision
             # Revoked, or its secret re-imported under a new id: look the hash up afresh.
@@ -111,14 +164,51 @@ class KeyAuthorizer:
         if found is None:
             return NOT_FOUND
         key_id = _text(found)
-        decision = await self._decide(key_id, digest)
+        decision = await self._decide(key_id, policy, args)
         if decision is not NOT_FOUND:
             self.cache.put(digest, key_id)
         return decision
 
-    async def _decide(self, key_id: str, digest: str) -> Decision:
-        reply = await self.redis.evalsha(AUTHORIZE, (self.names.record(key_id),), (digest,))
+    async def _decide(self, key_id: str, policy: RoutePolicy, args: tuple[Any, ...]) -> Decision:
+        names = self.names
+        rate_key = names.rate(key_id)
+        reply = await self.redis.evalsha(
+            AUTHORIZE,
+            (names.record(key_id), names.usage(key_id, ""), rate_key, f"{rate_key}:{policy.name}"),
+            args,
+        )
         status = _text(reply[0])
         if status == "not_found":
             return NOT_FOUND
-        return Decision(status, _identity(*reply[2:7]))
+        key = _identity(*reply[2:7])
+        now = int(reply[1])
+        if status in ("ok", "rate_limited"):
+            return Decision(status, key, now, int(reply[7]), _rate_state(reply, 8))
+        if status == "spend_limited":
+            name, amount, period, counted, resets = reply[7:12]
+            cap = BlockedCap(
+                _text(name), int(amount), _text(period), int(counted), int(resets) or None
+            )
+            return Decision(status, key, now, rate=_rate_state(reply, 12), cap=cap)
+        return Decision(status, key, now)
+
+    async def settle(self, decision: Decision, policy: RoutePolicy, delta_micro: int) -> None:
+        """Add ``delta_micro`` (actual cost - held) to the buckets the reservation went to."""
+        assert decision.key is not None
+        key_id = decision.key.id
+        await self.redis.evalsha(
+            SETTLE,
+            (self.names.record(key_id), self.names.usage(key_id, "")),
+            (decision.now_ms, policy.byok, delta_micro),
+        )
+
+
+def _rate_state(reply: list[Any], at: int) -> RateState | None:
+    """The rate fields from index ``at``: requests ('' when no limit applies), window_ms,
+    remaining, full_in_ms, retry_in_ms, policy."""
+    if len(reply) <= at or reply[at] in (b"", ""):
+        return None
+    requests, window, remaining, full_in, retry_in, policy = reply[at : at + 6]
+    return RateState(
+        _text(policy), int(requests), int(window), int(remaining), int(full_in), int(retry_in)
+    )

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from gateway.errors import ErrorFormat, Outcome
 from gateway.proxy.routing import Match
+
+if TYPE_CHECKING:
+    from gateway.policies.limits import RoutePolicy
+    from gateway.proxy.authorize import Decision
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +38,12 @@ class RequestContext:
     credential_headers: tuple[str, ...] = ()
     credential_in_query: bool = False
     key: KeyIdentity | None = None
+    policy: RoutePolicy | None = None
+    decision: Decision | None = None  # the authorize script's "ok": what it held, rate state
     body: bytes | None = None  # read only when a rule needs it (resource from JSON)
     outcome: Outcome = Outcome.OK
+    upstream_status: int | None = None  # set when the upstream answered
+    responded: bool = False  # the client has the status line: the upstream's work is used
 
     @property
     def error_format(self) -> ErrorFormat:

@@ -12,12 +12,14 @@ from multidict import MultiDict
 from yarl import URL
 
 from gateway.errors import Outcome
+from gateway.policies import ratelimit
 from gateway.proxy.context import RequestContext
 from gateway.proxy.headers import client_response_headers, upstream_request_headers
 from gateway.proxy.paths import encode
 from gateway.proxy.steps import deny
 
 if TYPE_CHECKING:
+    from gateway.proxy.cost import CostMeter
     from gateway.proxy.service import Proxy
 
 log = logging.getLogger("keygate.proxy")
@@ -39,8 +41,13 @@ def upstream_url(ctx: RequestContext, hide_query: str | None) -> URL:
     return URL(target + ("?" + raw_query if raw_query else ""), encoded=True)
 
 
-async def forward(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse:
-    """Send the request upstream and stream the answer back; 502/504 problems on failure."""
+async def forward(
+    proxy: Proxy, ctx: RequestContext, meter: CostMeter | None
+) -> web.StreamResponse:
+    """Send the request upstream and stream the answer back; 502/504 problems on failure.
+
+    ``meter`` sees the response's headers and (only if it needs them) its chunks, each
+    after it was written, so metering never delays the client."""
     assert ctx.match is not None
     request = ctx.request
     headers = upstream_request_headers(
@@ -69,17 +76,28 @@ async def forward(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse:
             request.method, url, headers=headers, data=data, allow_redirects=False
         ) as upstream:
             exchange.touch()
+            ctx.upstream_status = upstream.status
+            headers = client_response_headers(
+                upstream.headers, ctx.request_id, hide=ctx.match.route.hidden_response_header
+            )
+            if ctx.decision is not None and ctx.decision.rate is not None:
+                headers.extend(ratelimit.headers(ctx.decision.rate))
             response = web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=client_response_headers(upstream.headers, ctx.request_id),
+                status=upstream.status, reason=upstream.reason, headers=headers
             )
             exchange.pause()
             await response.prepare(request)
+            ctx.responded = True
             exchange.touch()
+            feed = None
+            if meter is not None:
+                meter.see_headers(upstream.status, upstream.headers)
+                feed = meter.feed if meter.needs_body else None
             async for chunk in upstream.content.iter_any():
                 exchange.pause()
                 await response.write(chunk)  # each chunk as it comes: SSE stays live
+                if feed is not None:
+                    feed(chunk)
                 exchange.touch()
             await response.write_eof()
             return response

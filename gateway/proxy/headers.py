@@ -93,11 +93,16 @@ def upstream_request_headers(
     return out
 
 
-def client_response_headers(upstream: CIMultiDictProxy[str], request_id_value: str) -> Headers:
-    """Upstream response headers for the client, hop-by-hop removed."""
+def client_response_headers(
+    upstream: CIMultiDictProxy[str], request_id_value: str, hide: str | None = None
+) -> Headers:
+    """Upstream response headers for the client, hop-by-hop removed, and ``hide`` (the
+    cost header keygate reads, lower-case) too."""
     skip = _ALWAYS_REPLACED
     if "Connection" in upstream:
         skip = skip | _connection_tokens(upstream)
+    if hide is not None:
+        skip = skip | {hide}
     out: Headers = [(n, v) for n, v in upstream.items() if n.lower() not in skip]
     out.append(("X-Request-Id", request_id_value))
     return out

@@ -11,12 +11,16 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.config.model import Settings, Upstream
+from gateway.policies import ratelimit
+from gateway.policies.limits import RoutePolicy
 from gateway.proxy.authorize import KeyAuthorizer
 from gateway.proxy.context import RequestContext
 from gateway.proxy.deadlines import Deadlines
 from gateway.proxy.forward import forward
 from gateway.proxy.headers import REQUEST_ID, request_id
+from gateway.proxy.own_key import is_own_key_request, own_key
 from gateway.proxy.routing import Router
+from gateway.proxy.settle import Settlements
 from gateway.proxy.steps import Step
 from gateway.proxy.websocket import is_upgrade, proxy_websocket
 
@@ -66,21 +70,27 @@ class Proxy:
     ) -> None:
         self.settings = settings
         self.router = Router(settings.routes, settings.upstreams)
+        self.policies = {route.name: RoutePolicy.of(route) for route in settings.routes}
         self.authorizer = authorizer
         self.chain = tuple(chain)
         self.sessions: dict[str, aiohttp.ClientSession] = {}
         self.deadlines = Deadlines()
         self.stats = ProxyStats()
+        self.settlements = Settlements(authorizer)
 
     async def start(self) -> None:
         self.sessions = {name: upstream_session(u) for name, u in self.settings.upstreams.items()}
 
     async def close(self) -> None:
+        """Close the upstream pools once every settlement in flight is written."""
+        await self.settlements.drain()
         for session in self.sessions.values():
             await session.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         ctx = RequestContext(request, request_id(request.headers.get(REQUEST_ID)))
+        if is_own_key_request(request):
+            return await own_key(self, request, ctx.request_id)
         for step in self.chain:
             response = await step(self, ctx)
             if response is not None:
@@ -88,7 +98,15 @@ class Proxy:
                 return response
         if ctx.match is not None and ctx.match.route.websocket and is_upgrade(request):
             return await proxy_websocket(self, ctx)
-        response = await forward(self, ctx)
-        if not response.prepared:  # a 502/504 problem; streamed answers carry it already
+        decision = ctx.decision  # None when let through on a store error (fail_open)
+        meter = None if decision is None or ctx.policy is None else ctx.policy.meter()
+        try:
+            response = await forward(self, ctx, meter)
+        finally:
+            if decision is not None:  # also when the client left: settle runs to its end
+                await self.settlements.settle(ctx, decision, meter)
+        if not response.prepared:  # a 502/504 problem; streamed answers carry these already
             response.headers[REQUEST_ID] = ctx.request_id
+            if decision is not None and decision.rate is not None:
+                response.headers.extend(ratelimit.headers(decision.rate))
         return response

@@ -13,10 +13,13 @@ from redis.exceptions import RedisError
 
 from gateway.credentials import extract
 from gateway.errors import Outcome, problem
+from gateway.policies import ratelimit
 from gateway.policies.scopes import missing
+from gateway.proxy.authorize import BlockedCap
 from gateway.proxy.context import RequestContext
 from gateway.proxy.paths import BadPath, is_plain, normalize
 from gateway.proxy.routing import MethodNotAllowed
+from gateway.store.record import from_micro, rfc3339
 
 if TYPE_CHECKING:
     from gateway.proxy.service import Proxy
@@ -77,78 +80,135 @@ _DENIALS = {
 
 
 async def authorize_key(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse | None:
-    assert ctx.secret is not None
+    """Every check on the key, and the reservation, in one Redis script (authorize.lua):
+    valid, not disabled, not expired, scopes, resource, rate limit, spending caps."""
+    assert ctx.secret is not None and ctx.match is not None
+    policy = ctx.policy = proxy.policies[ctx.match.route.name]
     try:
-        decision = await proxy.authorizer.authorize(ctx.secret)
+        resource = await _resource_without_body(ctx)
+        if isinstance(resource, web.StreamResponse):
+            return resource
+        decision = await proxy.authorizer.authorize(
+            ctx.secret, policy, ctx.request.method, resource
+        )
+        if decision.status == "need_resource":  # a restricted key: the body names it
+            resource = await _resource_from_body(ctx)
+            if isinstance(resource, web.StreamResponse):
+                return resource
+            decision = await proxy.authorizer.authorize(
+                ctx.secret, policy, ctx.request.method, resource
+            )
     except (RedisError, OSError) as exc:
         if proxy.settings.redis.on_error == "fail_open":
             proxy.stats.failed_open += 1
             return None
         log.warning("key store unavailable: %s", type(exc).__name__)
         return deny(ctx, Outcome.STORE_ERROR, "the key store is unavailable; retry shortly")
-    if decision.key is None or decision.status != "ok":
-        outcome, detail = _DENIALS[decision.status]
-        return deny(ctx, outcome, detail)
-    ctx.key = decision.key
-    return None
-
-
-async def check_scopes(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse | None:
-    assert ctx.match is not None
-    if ctx.key is None:  # let through on a store error (fail_open): nothing to check
+    status = decision.status
+    if status == "ok":
+        ctx.key = decision.key
+        ctx.decision = decision
         return None
-    scopes = ctx.match.route.scopes
-    needed = scopes.get(ctx.request.method)
-    if needed is None:  # an empty list for a method means "no scope", not "the default"
-        needed = scopes.get("*", ())
-    lacking = missing(ctx.key.scopes, needed)
-    if lacking:
+    if decision.key is None or status in _DENIALS:
+        outcome, detail = _DENIALS[status]
+        return deny(ctx, outcome, detail)
+    if status == "forbidden_scope":
+        needed = policy.needed_scopes(ctx.request.method).split()
+        lacking = missing(decision.key.scopes, needed)
         return deny(
             ctx,
             Outcome.FORBIDDEN_SCOPE,
             f"this route needs the {' '.join(lacking)} scope",
             scope=" ".join(needed),
         )
-    return None
+    if status == "forbidden_resource":
+        if not resource:
+            detail = "this key is limited to listed resources and the request names none"
+        else:
+            detail = f"this key may not use {resource[:200]!r}"
+        return deny(ctx, Outcome.FORBIDDEN_RESOURCE, detail)
+    if status == "rate_limited":
+        assert decision.rate is not None
+        return deny(
+            ctx,
+            Outcome.RATE_LIMITED,
+            f"this key may make {decision.rate.requests} requests per "
+            f"{decision.rate.window_ms / 1000:g} s; retry later",
+            headers=ratelimit.denied_headers(decision.rate),
+        )
+    assert status == "spend_limited" and decision.cap is not None
+    response = spend_denied(ctx, decision.cap, decision.now_ms)
+    if decision.rate is not None:
+        response.headers.extend(ratelimit.headers(decision.rate))
+    return response
 
 
-async def check_resource(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse | None:
+def spend_denied(ctx: RequestContext, cap: BlockedCap, now_ms: int) -> web.Response:
+    """402 naming the cap, its amount and its reset; Retry-After until then."""
+    amount = from_micro(cap.amount_micro)
+    if cap.resets_at_ms is None:
+        detail = f"the key has used its {cap.name} of {amount:g} for all time"
+        headers = {}
+    else:
+        detail = (
+            f"the key has used its {cap.period} {cap.name} of {amount:g}; "
+            f"it resets at {rfc3339(cap.resets_at_ms)}"
+        )
+        headers = {"Retry-After": str(max(1, -(-(cap.resets_at_ms - now_ms) // 1000)))}
+    ctx.outcome = Outcome.SPEND_LIMITED
+    return problem(
+        Outcome.SPEND_LIMITED,
+        detail,
+        error_format=ctx.error_format,
+        headers=headers,
+        extra={
+            "cap": {
+                "name": cap.name,
+                "amount": amount,
+                "period": cap.period,
+                "used": from_micro(cap.counted_micro),
+                "resets_at": rfc3339(cap.resets_at_ms),
+            }
+        },
+    )
+
+
+async def _resource_without_body(ctx: RequestContext) -> str | web.Response | None:
+    """The resource a request names in its query or path ("" for none); None when the
+    route reads it from the body (read only if the key turns out to be restricted)."""
     assert ctx.match is not None
     rule = ctx.match.route.resource
-    if rule is None or ctx.key is None or ctx.key.resources is None:
-        return None  # an unrestricted key: the body is not read at all
-    resource: object = None
+    if rule is None or rule.json is not None:
+        return None
     if rule.query is not None:
         values = ctx.request.query.getall(rule.query, ())
         if len(values) > 1:  # upstreams disagree on which one counts: refuse to guess
             return deny(ctx, Outcome.INVALID_REQUEST, f"{rule.query}: given more than once")
-        resource = values[0] if values else None
-    elif rule.path_segment is not None:
-        segments = ctx.path.strip("/").split("/")
-        resource = segments[rule.path_segment] if rule.path_segment < len(segments) else None
-    elif rule.json is not None:
-        body = await ctx.request.content.read(rule.max_body_bytes + 1)
-        while len(body) <= rule.max_body_bytes and (
-            more := await ctx.request.content.read(rule.max_body_bytes + 1 - len(body))
-        ):
-            body += more
-        if len(body) > rule.max_body_bytes:
-            return deny(
-                ctx,
-                Outcome.PAYLOAD_TOO_LARGE,
-                f"this route reads at most {rule.max_body_bytes} bytes of body",
-            )
-        ctx.body = body
-        resource = _json_field(body, rule.json)
-    if not isinstance(resource, str):
+        return values[0] if values else ""
+    assert rule.path_segment is not None
+    segments = ctx.path.strip("/").split("/")
+    return segments[rule.path_segment] if rule.path_segment < len(segments) else ""
+
+
+async def _resource_from_body(ctx: RequestContext) -> str | web.Response:
+    """The resource named by the JSON body ("" for none); the body is kept for forwarding."""
+    assert ctx.match is not None and ctx.match.route.resource is not None
+    rule = ctx.match.route.resource
+    assert rule.json is not None
+    body = await ctx.request.content.read(rule.max_body_bytes + 1)
+    while len(body) <= rule.max_body_bytes and (
+        more := await ctx.request.content.read(rule.max_body_bytes + 1 - len(body))
+    ):
+        body += more
+    if len(body) > rule.max_body_bytes:
         return deny(
             ctx,
-            Outcome.FORBIDDEN_RESOURCE,
-            "this key is limited to listed resources and the request names none",
+            Outcome.PAYLOAD_TOO_LARGE,
+            f"this route reads at most {rule.max_body_bytes} bytes of body",
         )
-    if resource not in ctx.key.resources:
-        return deny(ctx, Outcome.FORBIDDEN_RESOURCE, f"this key may not use {resource[:200]!r}")
-    return None
+    ctx.body = body
+    resource = _json_field(body, rule.json)
+    return resource if isinstance(resource, str) else ""
 
 
 def _json_field(body: bytes, dotted: str) -> object:

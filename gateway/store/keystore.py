@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import builtins
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -15,9 +17,13 @@ from gateway.store import secrets
 from gateway.store.names import KeyNames
 from gateway.store.record import KeyRecord, decode, encode_fields, pairs_to_dict
 from gateway.store.scripts import Scripts
+from gateway.usage.periods import ClockOverride, server_clock
+from gateway.usage.report import UsageReport
 
 AuthStatus = Literal["ok", "not_found", "disabled", "expired"]
 _MEMBER = re.compile(r"^\d{15}:[0-9a-f-]{36}$")
+# The stored fields whose change re-bases the spending caps (update.lua).
+CAP_FIELDS = frozenset({"limit_micro", "limit_reset", "include_byok_in_limit", "spend_caps"})
 _RETRIES = 5  # optimistic retries when a concurrent rotation changes the hash under us
 
 
@@ -65,11 +71,18 @@ def decode_cursor(cursor: str) -> str:
 
 
 class KeyStore:
-    def __init__(self, client: Redis, names: KeyNames, secret_prefix: str) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        names: KeyNames,
+        secret_prefix: str,
+        clock: ClockOverride = server_clock,
+    ) -> None:
         self.client = client
         self.names = names
         self.secret_prefix = secret_prefix
         self.scripts = Scripts.register(client)
+        self.clock = clock  # '' (the server's TIME) except in tests of period rollover
 
     async def server_time_ms(self) -> int:
         seconds, micros = await self.client.time()
@@ -191,19 +204,66 @@ class KeyStore:
     async def update(
         self, key_id: str, values: dict[str, Any], workspace_id: str | None = None
     ) -> KeyRecord | None:
-        """Set only the given fields (None clears one); None when there is no such key."""
+        """Set only the given fields (None clears one); None when there is no such key.
+
+        Changing a spending cap re-bases the caps in the same script (see update.lua)."""
         to_set = encode_fields(values)
         to_clear = [name for name, value in values.items() if value is None]
         reply = await self.scripts.update(
-            keys=[self.names.record(key_id)],
+            keys=[self.names.record(key_id), self.names.usage(key_id, "")],
             args=[
                 workspace_id or "",
+                self.clock(),
+                "1" if CAP_FIELDS.intersection(values) else "0",
                 len(to_set),
                 *[x for p in to_set.items() for x in p],
                 *to_clear,
             ],
         )
         return decode(pairs_to_dict(reply)) if reply else None
+
+    async def report(
+        self, key_id: str, workspace_id: str | None = None, presented: str | None = None
+    ) -> tuple[str, UsageReport | None]:
+        """The key with its usage now: (status, report). With ``presented`` (a sha256) the
+        hash must be the key's, as for GET /v1/key. Status not_found has no report."""
+        reply = await self.scripts.report(
+            keys=self._report_keys(key_id), args=[presented or "", self.clock()]
+        )
+        return self._parse_report(reply, workspace_id)
+
+    async def reports(self, key_ids: Sequence[str]) -> dict[str, UsageReport]:
+        """Reports for many keys in one pipelined round trip (revoked ones are left out)."""
+        if not key_ids:
+            return {}
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key_id in key_ids:
+                await self.scripts.report(
+                    keys=self._report_keys(key_id), args=["", self.clock()], client=pipe
+                )
+            replies = await pipe.execute()
+        found = {}
+        for key_id, reply in zip(key_ids, replies, strict=True):
+            report = self._parse_report(reply, None)[1]
+            if report is not None:
+                found[key_id] = report
+        return found
+
+    def _report_keys(self, key_id: str) -> builtins.list[str]:
+        names = self.names
+        return [names.record(key_id), names.usage(key_id, ""), names.rate(key_id)]
+
+    @staticmethod
+    def _parse_report(
+        reply: builtins.list[Any], workspace_id: str | None
+    ) -> tuple[str, UsageReport | None]:
+        status = str(reply[0])
+        if status == "not_found":
+            return status, None
+        report = UsageReport.from_reply(reply)
+        if workspace_id is not None and report.record.workspace_id != workspace_id:
+            return "not_found", None
+        return status, report
 
     async def revoke(self, key_id: str, workspace_id: str | None = None) -> bool:
         """Delete the key everywhere at once; False when there is no such key."""

@@ -9,8 +9,13 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 
-def _source(name: str) -> str:
+def _file(name: str) -> str:
     return resources.files("gateway.store").joinpath("lua", f"{name}.lua").read_text("utf-8")
+
+
+def script_source(name: str) -> str:
+    """A script's source with the shared library (periods, buckets, caps) in front."""
+    return _file("lib") + "\n" + _file(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,11 +25,12 @@ class Scripts:
     update: AsyncScript
     revoke: AsyncScript
     rotate: AsyncScript
+    report: AsyncScript
 
     @classmethod
     def register(cls, client: Redis) -> Scripts:
         """Bind every script to ``client``; calls use EVALSHA, loading on NOSCRIPT."""
-        return cls(**{name: client.register_script(_source(name)) for name in cls.__slots__})
+        return cls(**{name: client.register_script(script_source(name)) for name in cls.__slots__})
 
     async def load(self) -> None:
         """Load every script now, so the first request does not pay for it."""

@@ -10,6 +10,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.store import secrets
 from gateway.store.keystore import KeyStore
+from gateway.usage.periods import FixedClock
 from tests.conftest import MakeKey, bearer
 
 Client = TestClient[Any, Any]
@@ -22,8 +23,11 @@ async def _admin(make_key: MakeKey, workspace: str = "ws-a") -> str:
 
 
 async def test_create_returns_201_the_record_and_the_secret_once(
-    admin_client: Client, make_key: MakeKey
+    admin_client: Client, make_key: MakeKey, store: KeyStore
 ) -> None:
+    # One instant for both reads, so the derived fields that depend on "now"
+    # (rate_limit_state.full_at) are equal too.
+    store.clock = FixedClock(await store.server_time_ms())
     admin = await _admin(make_key)
     body = {
         "name": "svc",

@@ -37,6 +37,8 @@ from gateway.demo.upstream import build_upstream_app
 from gateway.proxy.service import Proxy
 from gateway.store.multiplex import RedisMultiplexer
 from gateway.store.secrets import BASE62
+from gateway.usage.periods import ClockOverride, server_clock
+from tests.costs import build_cost_app
 from tests.procs import free_port
 
 LOOPBACK = "127.0.0.1"
@@ -231,7 +233,7 @@ StartGateway = Callable[..., Awaitable[Gateway]]
 async def start_gateway(
     redis_url: str, key_prefix: str, upstream: Upstream, tmp_path: Path
 ) -> AsyncIterator[StartGateway]:
-    """``await start_gateway(keys=..., redis=..., routes=[...], upstreams={...})``.
+    """``await start_gateway(keys=..., redis=..., routes=[...], upstreams={...}, clock=...)``.
 
     ``routes`` come before ``ROUTES``; ``redis`` entries override the session server's URL
     and the test's key prefix.
@@ -244,6 +246,7 @@ async def start_gateway(
         redis: dict[str, Any] | None = None,
         routes: list[dict[str, Any]] | None = None,
         upstreams: dict[str, Any] | None = None,
+        clock: ClockOverride = server_clock,
     ) -> Gateway:
         raw = {
             "redis": {
@@ -271,7 +274,7 @@ async def start_gateway(
             connect_timeout=settings.redis.connect_timeout,
             socket_timeout=settings.redis.socket_timeout,
         )
-        proxy = build_proxy(settings, mux)
+        proxy = build_proxy(settings, mux, clock)
         await proxy.start()
         runner = web.ServerRunner(proxy_server(proxy), shutdown_timeout=0.5)
         await runner.setup()
@@ -385,3 +388,51 @@ def rss_bytes() -> int:
     """This process's resident set size now (Linux)."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * resource.getpagesize()
+
+
+# --- routes with costs and limits (tests/costs.py is their upstream) --------------------------
+
+
+def _cost_route(name: str, target: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "path": f"/c/{name}", "upstream": "costs", "rewrite": target, **extra}
+
+
+COST_ROUTES: list[dict[str, Any]] = [
+    _cost_route("fixed", "/flat", cost={"fixed": 0.25}),
+    _cost_route("header", "/header", cost={"header": "X-Usage-Cost"}, reserve=1.0),
+    _cost_route("header0", "/header", cost={"header": "X-Usage-Cost"}),
+    _cost_route("json", "/json", cost={"json": "usage.total_tokens", "per_unit": 0.001}),
+    _cost_route(
+        "sse", "/sse", cost={"json": "usage.total_tokens", "per_unit": 0.001}, reserve=0.1
+    ),
+    _cost_route("byok", "/header", cost={"header": "X-Usage-Cost"}, byok=True, reserve=0.5),
+    _cost_route("charged", "/header", cost={"fixed": 0.5}, charge_failed=True),
+    _cost_route("free", "/flat"),
+    _cost_route("limited", "/flat", rate_limit={"requests": 2, "period_seconds": 60}),
+    _cost_route("dead_fixed", "/flat", cost={"fixed": 0.25}, upstream="dead"),
+]
+
+
+@pytest.fixture
+async def cost_upstream_url(serve_app: ServeApp) -> str:
+    port = await serve_app(build_cost_app())
+    return f"http://{LOOPBACK}:{port}"
+
+
+@pytest.fixture
+async def start_cost_gateway(
+    start_gateway: StartGateway, cost_upstream_url: str
+) -> Callable[..., Awaitable[Gateway]]:
+    """A gateway with COST_ROUTES in front of tests/costs.py; ``clock=`` as start_gateway."""
+
+    async def start(**options: Any) -> Gateway:
+        return await start_gateway(
+            routes=COST_ROUTES, upstreams={"costs": {"url": cost_upstream_url}}, **options
+        )
+
+    return start
+
+
+@pytest.fixture
+async def cost_gateway(start_cost_gateway: Callable[..., Awaitable[Gateway]]) -> Gateway:
+    return await start_cost_gateway()

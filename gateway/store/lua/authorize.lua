@@ -1,21 +1,121 @@
--- The proxy's decision before forwarding: may this presented hash act as this key now?
--- KEYS: 1 record
--- ARGV: 1 presented sha256
--- Returns {status, now_ms, id, workspace_id, user_id, scopes_json, resources_json|false}
--- with status ok|not_found|disabled|expired. Only the fields the proxy needs travel back.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- The proxy's whole decision before forwarding, atomic (DESIGN §3 step 4, Unkey's order):
+-- the presented hash is the key's -> not disabled -> not expired -> scopes -> resource ->
+-- rate limit (GCRA) -> reserve the expected cost against every spending cap. Nothing is
+-- written unless every check passes; then the reservation, the rate state, total_uses and
+-- last_used_at are written together.
+-- KEYS: 1 record, 2 usage prefix (kg:u:{id}:), 3 the key's rate state, 4 the route's
+--       default rate state for this key
+-- ARGV: 1 presented sha256, 2 clock override ms ('' = TIME), 3 reserve (micro),
+--       4 byok route '1'|'0', 5 needed scopes (space-separated), 6 resource: '0' the route
+--       names none, '1' not read yet, '2' read: 7, 8 route rate limit requests ('' none),
+--       9 route rate period (ms)
+-- Returns {status, now_ms} for not_found, else {status, now_ms, id, workspace_id, user_id,
+-- scopes_json, resources_json|false, ...}: for ok and rate_limited then held, requests,
+-- period_ms, remaining, full_in_ms, retry_in_ms, policy 'key'|'route' (requests '' and
+-- nothing after it when no rate limit applies);
+-- for spend_limited then cap name, amount, period, counted spend, resets_at_ms (0: never),
+-- then the rate fields as for ok (the state without this request).
+local now_us = clock_us(ARGV[2])
+local now = math.floor(now_us / 1000)
 local f = redis.call('HMGET', KEYS[1], 'hash', 'grace_hash', 'grace_until', 'disabled',
-  'expires_at', 'id', 'workspace_id', 'user_id', 'scopes', 'resources')
+  'expires_at', 'id', 'workspace_id', 'user_id', 'scopes', 'resources', 'rate_limit',
+  unpack(CAP_FIELDS))
 local presented = ARGV[1]
 if not f[1] then return {'not_found', now} end
 if f[1] ~= presented and not (f[2] == presented and now < tonumber(f[3] or '0')) then
   return {'not_found', now}
 end
-local status = 'ok'
-if f[4] == '1' then
-  status = 'disabled'
-elseif f[5] and now >= tonumber(f[5]) then
-  status = 'expired'
+local function reply(status, ...)
+  return {status, now, f[6], f[7], f[8], f[9], f[10], ...}
 end
-return {status, now, f[6], f[7], f[8], f[9], f[10]}
+if f[4] == '1' then return reply('disabled') end
+if f[5] and now >= tonumber(f[5]) then return reply('expired') end
+
+if ARGV[5] ~= '' then
+  local held = cjson.decode(f[9] or '[]')
+  for needed in string.gmatch(ARGV[5], '%S+') do
+    local ok = false
+    for _, s in ipairs(held) do
+      if s == needed or s == '*'
+        or (string.sub(s, -2) == ':*' and string.sub(needed, 1, #s - 1) == string.sub(s, 1, -2))
+      then ok = true break end
+    end
+    if not ok then return reply('forbidden_scope') end
+  end
+end
+
+if f[10] and ARGV[6] ~= '0' then
+  if ARGV[6] == '1' then return reply('need_resource') end
+  local allowed = false
+  for _, r in ipairs(cjson.decode(f[10])) do
+    if r == ARGV[7] then allowed = true break end
+  end
+  if ARGV[7] == '' or not allowed then return reply('forbidden_resource') end
+end
+
+-- Rate limit: GCRA over integer microseconds. A burst of `requests` is allowed, then one
+-- per period/requests; the interval is rounded up, so rounding never admits extra.
+local requests, period_us, rate_key, policy
+if f[11] then
+  local spec = cjson.decode(f[11])
+  requests, period_us, rate_key, policy = spec[1], math.ceil(spec[2] * 1000000), KEYS[3], 'key'
+elseif ARGV[8] ~= '' then
+  requests, period_us = tonumber(ARGV[8]), tonumber(ARGV[9]) * 1000
+  rate_key, policy = KEYS[4], 'route'
+end
+local rate, idle_rate = {''}, {''} -- after this request; as it stands without it
+local new_tat
+if requests then
+  local interval = math.ceil(period_us / requests)
+  local window = interval * requests
+  local tat = tonumber(redis.call('GET', rate_key) or '0')
+  if tat < now_us then tat = now_us end
+  new_tat = tat + interval
+  local allow_at = new_tat - window
+  if now_us < allow_at then
+    return reply('rate_limited', 0, requests, math.floor(window / 1000), 0,
+      math.ceil((tat - now_us) / 1000), math.ceil((allow_at - now_us) / 1000), policy)
+  end
+  local remaining = math.floor((now_us - allow_at) / interval)
+  rate = {requests, math.floor(window / 1000), remaining, math.ceil((new_tat - now_us) / 1000),
+    0, policy}
+  idle_rate = {requests, rate[2], math.min(requests, remaining + 1),
+    math.ceil((tat - now_us) / 1000), 0, policy}
+end
+
+-- Spending caps: every cap must have room for the reservation, and a cap already used up
+-- refuses even a request that reserves nothing.
+local reserve = tonumber(ARGV[3])
+local byok = ARGV[4] == '1'
+local with_byok = f[14] == '1'
+local b = nil
+if (f[12] or f[15]) and (not byok or with_byok) then
+  b = buckets(now)
+  local base = f[16] and cjson.decode(f[16]) or {} -- [bucket, micro] per cap (update.lua)
+  local blocking = nil
+  for i, cap in ipairs(caps_of(f[12], f[13], f[15])) do
+    local used = counted(KEYS[2], cap, b, with_byok, base[i])
+    if used >= cap[2] or used + reserve > cap[2] then
+      local at = resets_at(cap, b)
+      -- Report the cap that blocks longest: the request can pass only once it resets.
+      if not blocking or at == 0 or (blocking[5] ~= 0 and at > blocking[5]) then
+        blocking = {cap[1], cap[2], cap[3], used, at}
+      end
+    end
+  end
+  if blocking then
+    for _, v in ipairs(idle_rate) do blocking[#blocking + 1] = v end
+    return reply('spend_limited', unpack(blocking))
+  end
+end
+
+if new_tat then
+  -- Kept a second longer than it matters (an arrival time in the past reads as "now"),
+  -- so that a test's clock running ahead of the server's cannot expire it early.
+  redis.call('SET', rate_key, string.format('%.0f', new_tat), 'PX',
+    math.ceil((new_tat - now_us) / 1000) + 1000)
+end
+if reserve > 0 then add_usage(KEYS[2], b or buckets(now), byok, reserve) end
+redis.call('HINCRBY', KEYS[1], 'total_uses', 1)
+redis.call('HSET', KEYS[1], 'last_used_at', now)
+return reply('ok', reserve, unpack(rate))

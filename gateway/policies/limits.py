@@ -1,0 +1,53 @@
+"""What a route asks of the authorize script besides the key: the scopes a method needs,
+the cost to reserve, BYOK accounting and the default rate limit (DESIGN §3 step 4, §6).
+
+Built once per route at startup; the per-request work is a dict lookup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.config.model import CostRule, Route
+from gateway.proxy.cost import CostMeter, meter_for
+from gateway.store.record import MICRO
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePolicy:
+    name: str
+    scopes_by_method: dict[str, str]  # method or "*" -> needed scopes, space-separated
+    reserve_micro: int
+    byok: str  # "1" | "0", as the script takes it
+    rate_requests: str  # "" when the route sets no default
+    rate_period_ms: str
+    charge_failed: bool
+    names_resource: bool  # the route has a resource rule (checked against allow-lists)
+    cost: CostRule | None
+
+    @classmethod
+    def of(cls, route: Route) -> RoutePolicy:
+        reserve = route.reserve
+        if reserve is None:  # the fixed cost is known in advance; other rules reserve 0
+            reserve = route.cost.fixed if route.cost and route.cost.fixed is not None else 0.0
+        rate = route.rate_limit
+        return cls(
+            name=route.name,
+            scopes_by_method={m: " ".join(s) for m, s in route.scopes.items()},
+            reserve_micro=round(reserve * MICRO),
+            byok="1" if route.byok else "0",
+            rate_requests="" if rate is None else str(rate.requests),
+            rate_period_ms="" if rate is None else str(round(rate.period_seconds * 1000)),
+            charge_failed=route.charge_failed,
+            names_resource=route.resource is not None,
+            cost=route.cost,
+        )
+
+    def needed_scopes(self, method: str) -> str:
+        """An empty list for a method means "no scope", not "the route's default"."""
+        needed = self.scopes_by_method.get(method)
+        return self.scopes_by_method.get("*", "") if needed is None else needed
+
+    def meter(self) -> CostMeter | None:
+        """A fresh meter of this request's cost; None when the route charges nothing."""
+        return None if self.cost is None else meter_for(self.cost)

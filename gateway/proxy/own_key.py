@@ -1,0 +1,78 @@
+"""``GET /v1/key`` on the proxy listener: the calling key's own record and usage now.
+
+A client learns what it may still spend and when each period resets without any
+management scope (OpenRouter's ``GET /api/v1/key``). It is neither rate limited nor
+charged, and it never shows a secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from gateway.credentials import extract
+from gateway.errors import Outcome, problem
+from gateway.proxy.headers import REQUEST_ID
+from gateway.store.multiplex import LuaScript
+from gateway.store.scripts import script_source
+from gateway.usage.report import UsageReport
+
+if TYPE_CHECKING:
+    from gateway.proxy.service import Proxy
+
+PATH = "/v1/key"
+REPORT = LuaScript.from_source(script_source("report"))
+_DENIED = {
+    "not_found": (Outcome.INVALID_KEY, "the API key is not valid"),
+    "expired": (Outcome.EXPIRED, "the API key has expired"),
+    "disabled": (Outcome.DISABLED, "the API key is disabled"),
+}
+
+
+def is_own_key_request(request: web.BaseRequest) -> bool:
+    raw = request.raw_path
+    return request.method == "GET" and (raw == PATH or raw.startswith(PATH + "?"))
+
+
+async def own_key(proxy: Proxy, request: web.BaseRequest, request_id: str) -> web.Response:
+    response = await _answer(proxy, request)
+    response.headers[REQUEST_ID] = request_id
+    return response
+
+
+async def _answer(proxy: Proxy, request: web.BaseRequest) -> web.Response:
+    keys = proxy.settings.keys
+    query = request.query if "query" in keys.sources else None
+    found = extract(request.headers, query, keys.sources, keys.query_param)
+    if found.secret is None:
+        return problem(found.outcome, found.detail)
+    authorizer = proxy.authorizer
+    digest = hashlib.sha256(found.secret.encode()).hexdigest()
+    names = authorizer.names
+    try:
+        key_id = authorizer.cache.get(digest)
+        if key_id is None:
+            raw_id = await authorizer.redis.execute("GET", names.by_hash(digest))
+            if raw_id is None:
+                return problem(*_DENIED["not_found"])
+            key_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+        reply = await authorizer.redis.evalsha(
+            REPORT,
+            (names.record(key_id), names.usage(key_id, ""), names.rate(key_id)),
+            (digest, authorizer.clock()),
+        )
+    except (RedisError, OSError):
+        return problem(Outcome.STORE_ERROR, "the key store is unavailable; retry shortly")
+    status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+    if status != "ok":
+        return problem(*_DENIED[status])
+    body = {"data": UsageReport.from_reply(reply).to_json()}
+    return web.Response(
+        text=json.dumps(body),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )

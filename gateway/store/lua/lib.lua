@@ -1,0 +1,106 @@
+-- Shared by the scripts that read or write usage (prepended to each; see store/scripts.py).
+-- Periods, bucket names and spending caps live here once, so the decision before a
+-- request (authorize), its settlement and every report agree to the micro-unit.
+-- gateway/usage/periods.py mirrors the period arithmetic; a test checks that they agree.
+
+local DAY = 86400000
+
+-- The script's clock in microseconds: the server's TIME, so that every replica agrees, or
+-- a test's instant in ms ('' = TIME).
+local function clock_us(override)
+  if override ~= nil and override ~= '' then return tonumber(override) * 1000 end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- Days since 1970-01-01 -> y, m, d (proleptic Gregorian; Howard Hinnant's algorithm).
+local function civil(days)
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  return y, m, d
+end
+
+local function days_from_civil(y, m, d)
+  y = y - (m <= 2 and 1 or 0)
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * (m > 2 and m - 3 or m + 9) + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+-- The buckets an instant falls in: name and end (ms) of its UTC day, ISO week, month.
+local function buckets(ms)
+  local days = math.floor(ms / DAY)
+  local y, m, d = civil(days)
+  local weekday = (days + 3) % 7 -- 0 = Monday (1970-01-01 was a Thursday)
+  local monday = days - weekday
+  local iso_year = civil(monday + 3) -- the week belongs to the year of its Thursday
+  local week = math.floor((monday + 3 - days_from_civil(iso_year, 1, 1)) / 7) + 1
+  local next_y, next_m = y, m + 1
+  if next_m == 13 then next_y, next_m = y + 1, 1 end
+  return {
+    daily = string.format('d:%04d%02d%02d', y, m, d),
+    weekly = string.format('w:%04dW%02d', iso_year, week),
+    monthly = string.format('m:%04d%02d', y, m),
+    total = 't',
+    daily_end = (days + 1) * DAY,
+    weekly_end = (monday + 7) * DAY,
+    monthly_end = days_from_civil(next_y, next_m, 1) * DAY,
+  }
+end
+
+-- How long a bucket outlives its period: enough for the history GET .../usage serves
+-- (90 days, 26 weeks, 24 months).
+local KEEP = {daily = 92 * DAY, weekly = 189 * DAY, monthly = 762 * DAY}
+
+-- Add delta micro-units to every bucket of one instant (the BYOK ones when byok).
+local function add_usage(prefix, b, byok, delta)
+  local p = byok and 'b' or ''
+  for _, period in ipairs({'daily', 'weekly', 'monthly'}) do
+    local key = prefix .. p .. b[period]
+    redis.call('INCRBY', key, delta)
+    redis.call('PEXPIREAT', key, b[period .. '_end'] + KEEP[period])
+  end
+  redis.call('INCRBY', prefix .. p .. 't', delta)
+end
+
+-- The record fields every cap computation reads, in HMGET order after the caller's own.
+local CAP_FIELDS = {'limit_micro', 'limit_reset', 'include_byok_in_limit', 'spend_caps',
+  'cap_base'}
+
+-- The key's caps from those fields: {name, amount, period} each; `limit` first.
+local function caps_of(limit, reset, spend_caps)
+  local caps = {}
+  if limit then caps[1] = {'limit', tonumber(limit), reset or 'total'} end
+  if spend_caps then
+    for i, cap in ipairs(cjson.decode(spend_caps)) do
+      caps[#caps + 1] = {'spend_caps[' .. (i - 1) .. ']', cap[1], cap[2]}
+    end
+  end
+  return caps
+end
+
+-- Spend that counts against a cap in bucket b: the period's usage (plus BYOK usage when
+-- it is included), less the baseline recorded when the cap was set in this same bucket.
+local function counted(prefix, cap, b, with_byok, base)
+  local bucket = b[cap[3]]
+  local used = tonumber(redis.call('GET', prefix .. bucket) or '0')
+  if with_byok then used = used + tonumber(redis.call('GET', prefix .. 'b' .. bucket) or '0') end
+  if base and base[1] == bucket then used = used - base[2] end
+  return used, bucket
+end
+
+-- When a cap resets (ms), or 0 for a cap over all time.
+local function resets_at(cap, b)
+  if cap[3] == 'total' then return 0 end
+  return b[cap[3] .. '_end']
+end

@@ -1,0 +1,1 @@
+"""Usage by period, spending caps and their reports (DESIGN §4, §5)."""

@@ -1,0 +1,122 @@
+"""A key's usage now, as report.lua reads it in one call: per-period spend, each spending
+cap's counted spend and reset, and the rate-limit state; and its public JSON form."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.store.record import KeyRecord, decode, from_micro, pairs_to_dict, rfc3339
+
+_ORDER = ("daily", "weekly", "monthly", "total")
+
+
+@dataclass(frozen=True, slots=True)
+class CapState:
+    name: str  # "limit" or "spend_caps[i]"
+    amount_micro: int
+    period: str  # daily | weekly | monthly | total
+    counted_micro: int  # spend that counts against it in its current period
+    resets_at_ms: int | None  # None: a cap over all time never resets
+
+    @property
+    def remaining_micro(self) -> int:
+        return max(0, self.amount_micro - self.counted_micro)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "amount": from_micro(self.amount_micro),
+            "period": self.period,
+            "used": from_micro(self.counted_micro),
+            "remaining": from_micro(self.remaining_micro),
+            "resets_at": rfc3339(self.resets_at_ms),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    status: str  # ok | disabled | expired (not_found never makes a report)
+    now_ms: int
+    record: KeyRecord
+    usage_micro: dict[str, int]  # daily, weekly, monthly, total
+    byok_micro: dict[str, int]
+    resets_at_ms: dict[str, int]  # daily, weekly, monthly: when the current bucket ends
+    caps: tuple[CapState, ...]
+    rate_tat_us: int | None  # GCRA theoretical arrival time, None when idle
+
+    @classmethod
+    def from_reply(cls, reply: list[Any]) -> UsageReport:
+        """Parse report.lua's reply (status other than not_found)."""
+        flat_caps = [_text(v) for v in reply[5]]
+        caps = tuple(
+            CapState(
+                name=flat_caps[i],
+                amount_micro=int(flat_caps[i + 1]),
+                period=flat_caps[i + 2],
+                counted_micro=int(flat_caps[i + 3]),
+                resets_at_ms=int(flat_caps[i + 4]) or None,
+            )
+            for i in range(0, len(flat_caps), 5)
+        )
+        values = [int(v) for v in reply[3]]
+        ends = [int(v) for v in reply[4]]
+        return cls(
+            status=_text(reply[0]),
+            now_ms=int(reply[1]),
+            record=decode(pairs_to_dict(reply[2])),
+            usage_micro=dict(zip(_ORDER, values[:4], strict=True)),
+            byok_micro=dict(zip(_ORDER, values[4:], strict=True)),
+            resets_at_ms=dict(zip(_ORDER[:3], ends, strict=True)),
+            caps=caps,
+            rate_tat_us=None if reply[6] is None else int(float(_text(reply[6]))),
+        )
+
+    @property
+    def limit_remaining_micro(self) -> int | None:
+        """OpenRouter's limit_remaining: room left under ``limit`` alone (null: no limit)."""
+        for cap in self.caps:
+            if cap.name == "limit":
+                return cap.remaining_micro
+        return None
+
+    def rate_state(self) -> dict[str, Any] | None:
+        """Requests left now and when the key's own rate limit is whole again."""
+        spec = self.record.rate_limit
+        if spec is None:
+            return None
+        interval = math.ceil(spec.period_seconds * 1_000_000 / spec.requests)
+        now_us = self.now_ms * 1000
+        tat = max(self.rate_tat_us or 0, now_us)
+        remaining = (now_us - (tat - interval * spec.requests)) // interval
+        return {
+            "requests": spec.requests,
+            "period_seconds": spec.period_seconds,
+            "remaining": max(0, min(spec.requests, remaining)),
+            "full_at": rfc3339(math.ceil(tat / 1000)),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The record with its derived usage fields (DESIGN §5): never a secret."""
+        body = self.record.to_json(self.now_ms)
+        usage, byok = self.usage_micro, self.byok_micro
+        body.update(
+            limit_remaining=from_micro(self.limit_remaining_micro),
+            usage=from_micro(usage["total"]),
+            usage_daily=from_micro(usage["daily"]),
+            usage_weekly=from_micro(usage["weekly"]),
+            usage_monthly=from_micro(usage["monthly"]),
+            byok_usage=from_micro(byok["total"]),
+            byok_usage_daily=from_micro(byok["daily"]),
+            byok_usage_weekly=from_micro(byok["weekly"]),
+            byok_usage_monthly=from_micro(byok["monthly"]),
+            usage_resets_at={p: rfc3339(at) for p, at in self.resets_at_ms.items()},
+            caps=[cap.to_json() for cap in self.caps],
+            rate_limit_state=self.rate_state(),
+        )
+        return body
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
