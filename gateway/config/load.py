@@ -176,6 +176,9 @@ def _route(
     for i, method in enumerate(methods):
         if method not in HTTP_METHODS:
             r.fail(f"{path}.methods[{i}]", f"unknown method {method!r}")
+    for key in ("reserve", "charge_failed"):
+        if spec.get(key) is not None and spec.get("cost") is None:
+            r.fail(f"{path}.{key}", "needs a cost rule: this route charges nothing")
     return Route(
         name=name,
         upstream=upstream,

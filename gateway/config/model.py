@@ -111,11 +111,6 @@ class Route:
     sources: tuple[str, ...] | None = None
     websocket: bool = False
 
-    @property
-    def hidden_response_header(self) -> str | None:
-        """The cost header read from responses, lower-case: the client never sees it."""
-        return self.cost.header.lower() if self.cost and self.cost.header else None
-
 
 @dataclass(frozen=True, slots=True)
 class Dialect:

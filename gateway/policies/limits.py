@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from gateway.config.model import CostRule, Route
 from gateway.proxy.cost import CostMeter, meter_for
+from gateway.proxy.headers import response_skip
 from gateway.store.record import MICRO
 
 
@@ -17,13 +18,14 @@ from gateway.store.record import MICRO
 class RoutePolicy:
     name: str
     scopes_by_method: dict[str, str]  # method or "*" -> needed scopes, space-separated
-    reserve_micro: int
+    reserve: str  # micro-units held before forwarding; "" when the route charges nothing
     byok: str  # "1" | "0", as the script takes it
     rate_requests: str  # "" when the route sets no default
     rate_period_ms: str
     charge_failed: bool
     names_resource: bool  # the route has a resource rule (checked against allow-lists)
     cost: CostRule | None
+    response_skip: frozenset[str]  # response headers the client never sees (cost header)
 
     @classmethod
     def of(cls, route: Route) -> RoutePolicy:
@@ -34,13 +36,14 @@ class RoutePolicy:
         return cls(
             name=route.name,
             scopes_by_method={m: " ".join(s) for m, s in route.scopes.items()},
-            reserve_micro=round(reserve * MICRO),
+            reserve="" if route.cost is None else str(round(reserve * MICRO)),
             byok="1" if route.byok else "0",
             rate_requests="" if rate is None else str(rate.requests),
             rate_period_ms="" if rate is None else str(round(rate.period_seconds * 1000)),
             charge_failed=route.charge_failed,
             names_resource=route.resource is not None,
             cost=route.cost,
+            response_skip=response_skip(route.cost.header if route.cost else None),
         )
 
     def needed_scopes(self, method: str) -> str:

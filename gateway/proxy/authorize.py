@@ -146,7 +146,7 @@ class KeyAuthorizer:
         args = (
             digest,
             self.clock(),
-            policy.reserve_micro,
+            policy.reserve,
             policy.byok,
             policy.needed_scopes(method),
             "0" if not policy.names_resource else "1" if resource is None else "2",
@@ -190,7 +190,7 @@ class KeyAuthorizer:
                 _text(name), int(amount), _text(period), int(counted), int(resets) or None
             )
             return Decision(status, key, now, rate=_rate_state(reply, 12), cap=cap)
-        return Decision(status, key, now)
+        return Decision(status, key, now, rate=_rate_state(reply, 7))
 
     async def settle(self, decision: Decision, policy: RoutePolicy, delta_micro: int) -> None:
         """Add ``delta_micro`` (actual cost - held) to the buckets the reservation went to."""

@@ -77,9 +77,8 @@ async def forward(
         ) as upstream:
             exchange.touch()
             ctx.upstream_status = upstream.status
-            headers = client_response_headers(
-                upstream.headers, ctx.request_id, hide=ctx.match.route.hidden_response_header
-            )
+            skip = ctx.policy.response_skip if ctx.policy is not None else frozenset()
+            headers = client_response_headers(upstream.headers, ctx.request_id, skip)
             if ctx.decision is not None and ctx.decision.rate is not None:
                 headers.extend(ratelimit.headers(ctx.decision.rate))
             response = web.StreamResponse(

@@ -93,16 +93,20 @@ def upstream_request_headers(
     return out
 
 
+def response_skip(hidden: str | None) -> frozenset[str]:
+    """The lower-case names never passed to the client: hop-by-hop, the request id (ours
+    replaces it) and ``hidden`` (a cost header keygate reads). Built once per route."""
+    return _ALWAYS_REPLACED | {hidden.lower()} if hidden else _ALWAYS_REPLACED
+
+
 def client_response_headers(
-    upstream: CIMultiDictProxy[str], request_id_value: str, hide: str | None = None
+    upstream: CIMultiDictProxy[str], request_id_value: str, skip: frozenset[str] = frozenset()
 ) -> Headers:
-    """Upstream response headers for the client, hop-by-hop removed, and ``hide`` (the
-    cost header keygate reads, lower-case) too."""
-    skip = _ALWAYS_REPLACED
+    """Upstream response headers for the client, without those in ``skip`` (see
+    response_skip) and those the upstream's Connection header names."""
+    skip = skip or _ALWAYS_REPLACED
     if "Connection" in upstream:
         skip = skip | _connection_tokens(upstream)
-    if hide is not None:
-        skip = skip | {hide}
     out: Headers = [(n, v) for n, v in upstream.items() if n.lower() not in skip]
     out.append(("X-Request-Id", request_id_value))
     return out

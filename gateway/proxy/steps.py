@@ -15,7 +15,8 @@ from gateway.credentials import extract
 from gateway.errors import Outcome, problem
 from gateway.policies import ratelimit
 from gateway.policies.scopes import missing
-from gateway.proxy.authorize import BlockedCap
+from gateway.policies.limits import RoutePolicy
+from gateway.proxy.authorize import BlockedCap, Decision
 from gateway.proxy.context import RequestContext
 from gateway.proxy.paths import BadPath, is_plain, normalize
 from gateway.proxy.routing import MethodNotAllowed
@@ -112,6 +113,18 @@ async def authorize_key(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse
     if decision.key is None or status in _DENIALS:
         outcome, detail = _DENIALS[status]
         return deny(ctx, outcome, detail)
+    response = _refusal(ctx, decision, policy, resource)
+    if decision.rate is not None and status != "rate_limited":  # a 429 has them already
+        response.headers.extend(ratelimit.headers(decision.rate))
+    return response
+
+
+def _refusal(
+    ctx: RequestContext, decision: Decision, policy: RoutePolicy, resource: str | None
+) -> web.Response:
+    """The answer for a known, usable key that the script refused."""
+    status = decision.status
+    assert decision.key is not None
     if status == "forbidden_scope":
         needed = policy.needed_scopes(ctx.request.method).split()
         lacking = missing(decision.key.scopes, needed)
@@ -137,10 +150,7 @@ async def authorize_key(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse
             headers=ratelimit.denied_headers(decision.rate),
         )
     assert status == "spend_limited" and decision.cap is not None
-    response = spend_denied(ctx, decision.cap, decision.now_ms)
-    if decision.rate is not None:
-        response.headers.extend(ratelimit.headers(decision.rate))
-    return response
+    return spend_denied(ctx, decision.cap, decision.now_ms)
 
 
 def spend_denied(ctx: RequestContext, cap: BlockedCap, now_ms: int) -> web.Response:

@@ -246,7 +246,18 @@ RULES: dict[str, tuple[dict[Any, Any], list[str]]] = {
     "workers not an integer": ({"workers": "two"}, ["workers: must be an integer"]),
     "workers a float": ({"workers": 2.0}, ["workers: must be an integer"]),
     "workers a boolean": ({"workers": True}, ["workers: must be an integer"]),
-    "number a boolean": (route(reserve=True), ["routes[0].reserve: must be a number"]),
+    "number a boolean": (
+        route(reserve=True, cost={"fixed": 1}),
+        ["routes[0].reserve: must be a number"],
+    ),
+    "reserve without a cost": (
+        route(reserve=1),
+        ["routes[0].reserve: needs a cost rule: this route charges nothing"],
+    ),
+    "charge_failed without a cost": (
+        route(charge_failed=True),
+        ["routes[0].charge_failed: needs a cost rule: this route charges nothing"],
+    ),
     "number a string": (
         {"redis": {"connect_timeout": "1s"}},
         ["redis.connect_timeout: must be a number"],
@@ -303,9 +314,12 @@ RULES: dict[str, tuple[dict[Any, Any], list[str]]] = {
         {"upstreams": {"llm": {"url": "http://a", "timeouts": {"connect": 10**400}}}},
         ["upstreams.llm.timeouts.connect: must be a finite number > 0"],
     ),
-    "reserve negative": (route(reserve=-0.5), ["routes[0].reserve: must be a finite number >= 0"]),
+    "reserve negative": (
+        route(reserve=-0.5, cost={"fixed": 1}),
+        ["routes[0].reserve: must be a finite number >= 0"],
+    ),
     "reserve huge negative integer": (
-        route(reserve=-(10**400)),
+        route(reserve=-(10**400), cost={"fixed": 1}),
         ["routes[0].reserve: must be a finite number >= 0"],
     ),
     "cost nan": (

@@ -401,7 +401,12 @@ COST_ROUTES: list[dict[str, Any]] = [
     _cost_route("fixed", "/flat", cost={"fixed": 0.25}),
     _cost_route("header", "/header", cost={"header": "X-Usage-Cost"}, reserve=1.0),
     _cost_route("header0", "/header", cost={"header": "X-Usage-Cost"}),
-    _cost_route("json", "/json", cost={"json": "usage.total_tokens", "per_unit": 0.001}),
+    _cost_route(
+        "json",
+        "/json",
+        cost={"json": "usage.total_tokens", "per_unit": 0.001},
+        error_format="openai",
+    ),
     _cost_route(
         "sse", "/sse", cost={"json": "usage.total_tokens", "per_unit": 0.001}, reserve=0.1
     ),

@@ -90,7 +90,7 @@ async def test_a_cap_over_all_time_has_no_retry_after(
     assert body["cap"]["resets_at"] is None
 
 
-async def test_a_used_up_cap_refuses_even_requests_that_reserve_nothing(
+async def test_a_used_up_cap_refuses_even_requests_that_reserve_nothing_but_not_free_ones(
     cost_gateway: Gateway, make_key: MakeKey, http: aiohttp.ClientSession
 ) -> None:
     issued = await make_key(limit_micro=300_000, limit_reset="monthly")
@@ -101,18 +101,16 @@ async def test_a_used_up_cap_refuses_even_requests_that_reserve_nothing(
     await cost_gateway.proxy.settlements.drain()
     async with http.get(url, headers=bearer(issued.secret)) as r:
         await assert_problem(r, 402, "spend_limited")
+    async with http.get(f"{cost_gateway.url}/c/free", headers=bearer(issued.secret)) as r:
+        assert r.status == 200  # a route without a cost rule is outside every cap
 
 
 async def test_openai_routes_get_402_in_openai_shape_with_the_cap(
     start_cost_gateway: object, make_key: MakeKey, http: aiohttp.ClientSession
 ) -> None:
     gateway: Gateway = await start_cost_gateway()  # type: ignore[operator]
-    issued = await make_key(limit_micro=0, scopes=["chat:invoke"])
-    async with http.post(
-        f"{gateway.url}/v1/chat/completions",
-        json={"model": "m", "messages": []},
-        headers=bearer(issued.secret),
-    ) as r:
+    issued = await make_key(limit_micro=0)
+    async with http.get(f"{gateway.url}/c/json?tokens=1", headers=bearer(issued.secret)) as r:
         body = await assert_openai_error(r, 402, "spend_limited", "insufficient_quota")
     assert body["error"]["cap"]["amount"] == 0.0
 

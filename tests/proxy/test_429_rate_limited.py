@@ -109,3 +109,21 @@ async def test_sub_second_periods_round_the_interval_up_never_admitting_extra(
         clock.advance(1)
     # 3 per ms would be 6; the 334 us interval refills only 2 of the 3 after 1 ms.
     assert admitted == 5
+
+
+async def test_refusals_of_a_rate_limited_key_carry_the_headers_and_use_no_quota(
+    start_cost_gateway: object, make_key: MakeKey, http: aiohttp.ClientSession
+) -> None:
+    gateway: Gateway = await start_cost_gateway(clock=FixedClock(START))  # type: ignore[operator]
+    issued = await make_key(rate_limit=RateLimitSpec(2, 60), limit_micro=0)
+    async with http.get(f"{gateway.url}/hello", headers=bearer(issued.secret)) as r:
+        assert r.status == 200  # a free route: the zero limit does not matter
+    async with http.get(f"{gateway.url}/echo/x", headers=bearer(issued.secret)) as r:
+        await assert_problem(r, 403, "forbidden_scope")
+        assert r.headers["RateLimit"] == '"key";r=1;t=30'
+    async with http.get(f"{gateway.url}/c/fixed", headers=bearer(issued.secret)) as r:
+        await assert_problem(r, 402, "spend_limited")
+        assert r.headers["RateLimit"] == '"key";r=1;t=30'
+    async with http.get(f"{gateway.url}/hello", headers=bearer(issued.secret)) as r:
+        assert r.status == 200
+        assert r.headers["RateLimit"] == '"key";r=0;t=60'

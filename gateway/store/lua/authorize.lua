@@ -5,7 +5,8 @@
 -- last_used_at are written together.
 -- KEYS: 1 record, 2 usage prefix (kg:u:{id}:), 3 the key's rate state, 4 the route's
 --       default rate state for this key
--- ARGV: 1 presented sha256, 2 clock override ms ('' = TIME), 3 reserve (micro),
+-- ARGV: 1 presented sha256, 2 clock override ms ('' = TIME), 3 reserve (micro; '' for a
+--       route that charges nothing: caps do not apply to it),
 --       4 byok route '1'|'0', 5 needed scopes (space-separated), 6 resource: '0' the route
 --       names none, '1' not read yet, '2' read: 7, 8 route rate limit requests ('' none),
 --       9 route rate period (ms)
@@ -14,7 +15,8 @@
 -- period_ms, remaining, full_in_ms, retry_in_ms, policy 'key'|'route' (requests '' and
 -- nothing after it when no rate limit applies);
 -- for spend_limited then cap name, amount, period, counted spend, resets_at_ms (0: never),
--- then the rate fields as for ok (the state without this request).
+-- then the rate fields as for ok (the state without this request); for forbidden_scope and
+-- forbidden_resource those rate fields alone.
 local now_us = clock_us(ARGV[2])
 local now = math.floor(now_us / 1000)
 local f = redis.call('HMGET', KEYS[1], 'hash', 'grace_hash', 'grace_until', 'disabled',
@@ -31,30 +33,9 @@ end
 if f[4] == '1' then return reply('disabled') end
 if f[5] and now >= tonumber(f[5]) then return reply('expired') end
 
-if ARGV[5] ~= '' then
-  local held = cjson.decode(f[9] or '[]')
-  for needed in string.gmatch(ARGV[5], '%S+') do
-    local ok = false
-    for _, s in ipairs(held) do
-      if s == needed or s == '*'
-        or (string.sub(s, -2) == ':*' and string.sub(needed, 1, #s - 1) == string.sub(s, 1, -2))
-      then ok = true break end
-    end
-    if not ok then return reply('forbidden_scope') end
-  end
-end
-
-if f[10] and ARGV[6] ~= '0' then
-  if ARGV[6] == '1' then return reply('need_resource') end
-  local allowed = false
-  for _, r in ipairs(cjson.decode(f[10])) do
-    if r == ARGV[7] then allowed = true break end
-  end
-  if ARGV[7] == '' or not allowed then return reply('forbidden_resource') end
-end
-
 -- Rate limit: GCRA over integer microseconds. A burst of `requests` is allowed, then one
--- per period/requests; the interval is rounded up, so rounding never admits extra.
+-- per period/requests; the interval is rounded up, so rounding never admits extra. Read
+-- here, decided after scopes and resource, so that their denials can show it too.
 local requests, period_us, rate_key, policy
 if f[11] then
   local spec = cjson.decode(f[11])
@@ -64,32 +45,55 @@ elseif ARGV[8] ~= '' then
   rate_key, policy = KEYS[4], 'route'
 end
 local rate, idle_rate = {''}, {''} -- after this request; as it stands without it
-local new_tat
+local interval, window, tat, new_tat, allow_at
 if requests then
-  local interval = math.ceil(period_us / requests)
-  local window = interval * requests
-  local tat = tonumber(redis.call('GET', rate_key) or '0')
+  interval = math.ceil(period_us / requests)
+  window = interval * requests
+  tat = tonumber(redis.call('GET', rate_key) or '0')
   if tat < now_us then tat = now_us end
   new_tat = tat + interval
-  local allow_at = new_tat - window
-  if now_us < allow_at then
-    return reply('rate_limited', 0, requests, math.floor(window / 1000), 0,
-      math.ceil((tat - now_us) / 1000), math.ceil((allow_at - now_us) / 1000), policy)
-  end
+  allow_at = new_tat - window
   local remaining = math.floor((now_us - allow_at) / interval)
   rate = {requests, math.floor(window / 1000), remaining, math.ceil((new_tat - now_us) / 1000),
     0, policy}
-  idle_rate = {requests, rate[2], math.min(requests, remaining + 1),
+  idle_rate = {requests, rate[2], math.max(0, math.min(requests, remaining + 1)),
     math.ceil((tat - now_us) / 1000), 0, policy}
 end
 
+if ARGV[5] ~= '' then
+  local held = cjson.decode(f[9] or '[]')
+  for needed in string.gmatch(ARGV[5], '%S+') do
+    local ok = false
+    for _, s in ipairs(held) do
+      if s == needed or s == '*'
+        or (string.sub(s, -2) == ':*' and string.sub(needed, 1, #s - 1) == string.sub(s, 1, -2))
+      then ok = true break end
+    end
+    if not ok then return reply('forbidden_scope', unpack(idle_rate)) end
+  end
+end
+
+if f[10] and ARGV[6] ~= '0' then
+  if ARGV[6] == '1' then return reply('need_resource') end
+  local allowed = false
+  for _, r in ipairs(cjson.decode(f[10])) do
+    if r == ARGV[7] then allowed = true break end
+  end
+  if ARGV[7] == '' or not allowed then return reply('forbidden_resource', unpack(idle_rate)) end
+end
+
+if requests and now_us < allow_at then
+  return reply('rate_limited', 0, requests, math.floor(window / 1000), 0,
+    math.ceil((tat - now_us) / 1000), math.ceil((allow_at - now_us) / 1000), policy)
+end
+
 -- Spending caps: every cap must have room for the reservation, and a cap already used up
--- refuses even a request that reserves nothing.
-local reserve = tonumber(ARGV[3])
+-- refuses even a request that reserves nothing, unless its route charges nothing at all.
+local reserve = tonumber(ARGV[3]) or 0
 local byok = ARGV[4] == '1'
 local with_byok = f[14] == '1'
 local b = nil
-if (f[12] or f[15]) and (not byok or with_byok) then
+if ARGV[3] ~= '' and (f[12] or f[15]) and (not byok or with_byok) then
   b = buckets(now)
   local base = f[16] and cjson.decode(f[16]) or {} -- [bucket, micro] per cap (update.lua)
   local blocking = nil
