@@ -14,8 +14,8 @@ from redis.exceptions import RedisError
 from gateway.credentials import extract
 from gateway.errors import Outcome, problem
 from gateway.policies import ratelimit
-from gateway.policies.scopes import missing
 from gateway.policies.limits import RoutePolicy
+from gateway.policies.scopes import missing
 from gateway.proxy.authorize import BlockedCap, Decision
 from gateway.proxy.context import RequestContext
 from gateway.proxy.paths import BadPath, is_plain, normalize

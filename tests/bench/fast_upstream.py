@@ -2,8 +2,10 @@
 
 aiohttp's low-level server (no router, no middleware, no access log) on uvloop, so the
 upstream costs as little CPU as aiohttp allows and every proxy in front of it pays the
-same. ``/bench`` and anything under it answers 200 with the same ~100-byte JSON body;
-other paths 404. It runs in its own process, started by ``proxy_bench``:
+same. ``/bench`` and anything under it answers 200 with the same ~100-byte JSON body and
+the header ``X-Usage-Cost: 0.0005`` (what the request cost: keygate+limits reads it and
+charges the key, then removes it; the other targets pass it through); other paths 404.
+It runs in its own process, started by ``proxy_bench``:
 
     python -m tests.bench.fast_upstream --port 9100
 """
@@ -24,13 +26,17 @@ BODY = json.dumps(
 ).encode()
 """What ``GET /bench`` answers (about 100 bytes); the harness checks it byte for byte."""
 
+COST_HEADER = "X-Usage-Cost"
+COST = "0.0005"
+"""The cost every ``/bench`` answer reports in ``COST_HEADER`` (credits)."""
+
 _NOT_FOUND = b'{"error":"not found"}'
 
 
 async def handle(request: web.BaseRequest) -> web.Response:
     path = request.path
     if request.method in ("GET", "HEAD") and (path == "/bench" or path.startswith("/bench/")):
-        return web.Response(body=BODY, content_type="application/json")
+        return web.Response(body=BODY, content_type="application/json", headers={COST_HEADER: COST})
     return web.Response(status=404, body=_NOT_FOUND, content_type="application/json")
 
 

@@ -1,4 +1,5 @@
-"""Proxy benchmark: the upstream direct, a bare aiohttp proxy, nginx and keygate, interleaved.
+"""Proxy benchmark: the upstream direct, a bare aiohttp proxy, nginx and keygate (twice: plain
+and with rate limit, spending cap and usage recording on), interleaved.
 
 One command starts everything on loopback, checks every target answers correctly, then
 runs wrk against each target in turn, round after round (the order rotates each round so
@@ -7,27 +8,37 @@ medians over rounds with each target's requests/s as a ratio to the bare aiohttp
 (the floor for any Python proxy), plus keygate's standing against its targets (issue 3):
 
     python -m tests.bench.proxy_bench [--rounds 6] [--duration 5] [--connections 8,64]
-                                      [--threads 1] [--profile]
+                                      [--threads 1] [--targets ...] [--profile]
+                                      [--profile-target keygate|keygate+limits]
 
 Targets, each its own process:
 
-- ``upstream``: tests/bench/fast_upstream.py, ``GET /bench`` -> 100 bytes of JSON;
+- ``upstream``: tests/bench/fast_upstream.py, ``GET /bench`` -> 100 bytes of JSON and the
+  header ``X-Usage-Cost: 0.0005``;
 - ``bare``: tests/bench/bare_proxy.py in front of it (no auth);
 - ``nginx``: 1 worker, keep-alive to the upstream (skipped, with a message, if not installed);
 - ``keygate``: ``python -m gateway serve`` (1 worker) with a route ``prefix: /bench`` that
   requires scope ``bench:read``, a key created with the CLI, and a private valkey-server
-  (the packaged binary, unix socket) as its external Redis.
+  (the packaged binary, unix socket) as its external Redis;
+- ``keygate+limits``: a second keygate on the same valkey-server (key prefix ``kgl:``) whose
+  route also has ``cost: {header: X-Usage-Cost}`` and ``reserve: 0.001``, and whose key has
+  a spending limit and a rate limit (both far too large to refuse anything): every request
+  is rate-checked, reserves 0.001 against the limit and is settled at 0.0005 after its
+  response.
 
 A run fails (exit 1) if a pre-flight check fails, if wrk reports any non-2xx response or
-socket error, or if a server process dies. ``--profile`` then runs keygate under
-``py-spy record`` during one more wrk run at the largest connection count and prints the
-functions with the most own time. Every process started is stopped by its pid at the end,
-also on Ctrl-C. See tests/bench/README.md for how to read the numbers.
+socket error, if a server process dies, or if keygate+limits' recorded usage is not
+exactly 0.0005 per admitted request at the end. ``--profile`` then runs keygate (or
+``--profile-target keygate+limits``) under ``py-spy record`` during one more wrk run at the
+largest connection count and prints the functions with the most own time. Every process
+started is stopped by its pid at the end, also on Ctrl-C. See tests/bench/README.md for
+how to read the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ctypes
 import http.client
@@ -44,8 +55,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -54,7 +66,7 @@ import aiohttp
 import yaml
 
 from gateway.embedded import EmbeddedRedis
-from tests.bench.fast_upstream import BODY
+from tests.bench.fast_upstream import BODY, COST, COST_HEADER
 
 ROOT = Path(__file__).resolve().parents[2]
 PATH = "/bench"
@@ -62,6 +74,19 @@ SCOPE = "bench:read"
 POOL_SIZE = 100  # keep-alive connections to the upstream, the same for every proxy
 START_TIMEOUT = 30.0
 PROFILE_RATE = 200  # py-spy samples per second
+TARGETS = ("upstream", "bare", "nginx", "keygate", "keygate+limits")
+KEYGATES = ("keygate", "keygate+limits")
+OWN_KEY_PATH = "/v1/key"  # keygate's own-key report on the proxy listener
+LIMITS_PREFIX = "kgl:"  # keygate+limits' Redis key prefix on the shared valkey-server
+RESERVE = 0.001  # credits keygate+limits reserves per request (the upstream reports COST)
+# Far above what a run can use: every request is checked and charged, none is refused.
+LIMITS_KEY_OPTIONS = (
+    "--limit", "1000000000", "--limit-reset", "monthly", "--rate-limit", "1000000000/60"
+)  # fmt: skip
+MICRO = 1_000_000  # keygate stores money as integer micro-units
+COST_MICRO = int(Decimal(COST) * MICRO)
+SETTLE_WAIT = 5.0  # seconds to wait for settlements still in flight to land
+AUDIT_REQUESTS = 2000  # requests of the exact settlement audit after the rounds
 
 
 class BenchError(Exception):
@@ -276,12 +301,14 @@ class Keygate:
     target: Target
     started: Started
     config: Path
+    key: str  # the key wrk sends
     denied_key: str  # a valid key without the route's scope: must get 403
+    limits: bool  # keygate+limits: cost rule, reservation, spending and rate limit on
 
 
-def _create_key(config: Path, scope: str) -> str:
+def _create_key(config: Path, scope: str, options: Sequence[str] = ()) -> str:
     argv = [sys.executable, "-m", "gateway", "keys", "create", "--config", str(config)]
-    argv += ["--name", f"bench {scope}", "--scope", scope, "--json"]
+    argv += ["--name", f"bench {scope}", "--scope", scope, *options, "--json"]
     done = subprocess.run(
         argv, cwd=ROOT, env=_child_env(), capture_output=True, text=True, timeout=60, check=False
     )
@@ -295,78 +322,292 @@ def _create_key(config: Path, scope: str) -> str:
         raise BenchError(f"`{' '.join(argv)}` printed no key: {exc}:\n{done.stdout}") from None
 
 
-def start_keygate(procs: Processes, root: Path, upstream: Target, redis_url: str) -> Keygate:
+def start_keygate(
+    procs: Processes, root: Path, upstream: Target, redis_url: str, *, limits: bool = False
+) -> Keygate:
+    """keygate, or with ``limits`` keygate+limits: the same route plus a cost rule and a
+    reservation, its key with a spending limit and a rate limit, its own key prefix on the
+    same Redis."""
+    name = "keygate+limits" if limits else "keygate"
     root.mkdir()
     port, admin_port = free_port(), free_port()
     config = root / "keygate.yaml"
+    route: dict[str, Any] = {
+        "name": "bench",
+        "prefix": PATH,
+        "upstream": "bench",
+        "methods": ["GET"],
+        "scopes": [SCOPE],
+    }
+    redis: dict[str, Any] = {"url": redis_url}
+    if limits:
+        route.update(cost={"header": COST_HEADER}, reserve=RESERVE)
+        redis["key_prefix"] = LIMITS_PREFIX
     settings: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
         "admin_listen": f"127.0.0.1:{admin_port}",
         "workers": 1,
-        "redis": {"url": redis_url},
+        "redis": redis,
         "upstreams": {
             "bench": {"url": f"http://127.0.0.1:{upstream.port}", "pool_size": POOL_SIZE}
         },
-        "routes": [
-            {
-                "name": "bench",
-                "prefix": PATH,
-                "upstream": "bench",
-                "methods": ["GET"],
-                "scopes": [SCOPE],
-            }
-        ],
+        "routes": [route],
     }
     config.write_text(yaml.safe_dump(settings, sort_keys=False))
-    key = _create_key(config, SCOPE)
+    key = _create_key(config, SCOPE, LIMITS_KEY_OPTIONS if limits else ())
     denied_key = _create_key(config, "other:read")
     argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
-    started = procs.start("keygate", argv)
+    started = procs.start(name, argv)
     wait_for_port(port, started)
-    target = Target(
-        "keygate",
-        port,
-        {"Authorization": f"Bearer {key}"},
-        note=f"auth + scope {SCOPE}, 1 worker",
-    )
-    return Keygate(target, started, config, denied_key)
+    note = f"auth + scope {SCOPE}, 1 worker"
+    if limits:
+        note += (
+            f", + rate limit, spending limit, reserve {RESERVE:g}, "
+            f"cost from {COST_HEADER} settled per request"
+        )
+    target = Target(name, port, {"Authorization": f"Bearer {key}"}, note=note)
+    return Keygate(target, started, config, key, denied_key, limits)
 
 
 # ------------------------------------------------------------------------------- checking
 
 
-def http_get(port: int, headers: dict[str, str]) -> tuple[int, bytes]:
+@dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+
+def http_get(port: int, headers: dict[str, str], path: str = PATH) -> Reply:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        conn.request("GET", PATH, headers=headers)
+        conn.request("GET", path, headers=headers)
         response = conn.getresponse()
-        return response.status, response.read()
+        return Reply(response.status, response.headers, response.read())
     finally:
         conn.close()
 
 
-def preflight(targets: Sequence[Target], keygate: Keygate) -> None:
-    """Every target answers 200 with the upstream's exact body; keygate refuses 401/403."""
+def preflight(targets: Sequence[Target], keygates: Sequence[Keygate]) -> None:
+    """Every target answers 200 with the upstream's exact body; each keygate refuses 401/403;
+    keygate+limits sends its rate-limit headers, hides the cost header, and has charged the
+    key once the pre-flight request is settled."""
     for target in targets:
-        status, body = http_get(target.port, target.headers)
-        if status != 200 or body != BODY:
+        reply = http_get(target.port, target.headers)
+        if reply.status != 200 or reply.body != BODY:
             raise BenchError(
-                f"pre-flight: GET {target.url} through {target.name} answered {status} "
-                f"{body[:300]!r}, expected 200 {BODY!r}"
+                f"pre-flight: GET {target.url} through {target.name} answered {reply.status} "
+                f"{reply.body[:300]!r}, expected 200 {BODY!r}"
             )
-        print(f"pre-flight: {target.name:<8} GET {PATH} -> 200, body ok", file=sys.stderr)
-    checks = (
-        ("without a key", {}, 401),
-        ("with a key lacking the scope", {"Authorization": f"Bearer {keygate.denied_key}"}, 403),
+        print(f"pre-flight: {target.name:<14} GET {PATH} -> 200, body ok", file=sys.stderr)
+        if target.name == "upstream" and reply.headers.get(COST_HEADER) != COST:
+            raise BenchError(
+                f"pre-flight: the upstream answered {COST_HEADER}: "
+                f"{reply.headers.get(COST_HEADER)!r}, expected {COST!r}"
+            )
+        if target.name == "keygate+limits":
+            _check_limits_headers(reply)
+            print(
+                f"pre-flight: {target.name:<14} RateLimit-Policy: "
+                f"{reply.headers['RateLimit-Policy']}, RateLimit: {reply.headers['RateLimit']}, "
+                f"no {COST_HEADER}",
+                file=sys.stderr,
+            )
+    for keygate in keygates:
+        checks: tuple[tuple[str, dict[str, str], int], ...] = (
+            ("without a key", {}, 401),
+            (
+                "with a key lacking the scope",
+                {"Authorization": f"Bearer {keygate.denied_key}"},
+                403,
+            ),
+        )
+        name = keygate.target.name
+        for what, headers, expected in checks:
+            reply = http_get(keygate.target.port, headers)
+            if reply.status != expected:
+                raise BenchError(
+                    f"pre-flight: {name} GET {PATH} {what} answered {reply.status} "
+                    f"{reply.body[:300]!r}, expected {expected}"
+                )
+            print(f"pre-flight: {name:<14} GET {PATH} {what} -> {reply.status}", file=sys.stderr)
+        if keygate.limits:
+            # usage > 0 alone would not show a settlement: the reservation alone is RESERVE.
+            # After one request settled at COST, usage is exactly COST.
+            usage = wait_for_usage(keygate, lambda u: u.usage_micro == COST_MICRO)
+            if usage.usage_micro != COST_MICRO or usage.total_uses != 1:
+                held = " (the reservation: not settled)" if usage.usage == RESERVE else ""
+                raise BenchError(
+                    f"pre-flight: {name} GET {OWN_KEY_PATH} shows usage {usage.usage}{held}, "
+                    f"total_uses {usage.total_uses} {SETTLE_WAIT:g}s after one request; "
+                    f"expected usage {COST} (settled) and total_uses 1"
+                )
+            print(
+                f"pre-flight: {name:<14} GET {OWN_KEY_PATH} -> usage {usage.usage:g}, "
+                f"total_uses {usage.total_uses} (settled)",
+                file=sys.stderr,
+            )
+
+
+def _check_limits_headers(reply: Reply) -> None:
+    missing = [h for h in ("RateLimit-Policy", "RateLimit") if reply.headers.get(h) is None]
+    if missing:
+        raise BenchError(
+            f"pre-flight: keygate+limits answered without {' and '.join(missing)}; "
+            f"headers: {dict(reply.headers)}"
+        )
+    if reply.headers.get(COST_HEADER) is not None:
+        raise BenchError(
+            f"pre-flight: keygate+limits let the upstream's {COST_HEADER} through to the "
+            f"client ({reply.headers.get(COST_HEADER)!r}); it must remove it"
+        )
+
+
+@dataclass
+class KeyUsage:
+    usage: float  # data.usage: credits charged over all time
+    total_uses: int  # data.total_uses: requests admitted
+
+    @property
+    def usage_micro(self) -> int:
+        return round(Decimal(repr(self.usage)) * MICRO)
+
+
+def key_usage(keygate: Keygate) -> KeyUsage:
+    """``GET /v1/key`` on the keygate's proxy listener with its key."""
+    reply = http_get(keygate.target.port, keygate.target.headers, OWN_KEY_PATH)
+    try:
+        data = json.loads(reply.body)["data"] if reply.status == 200 else None
+        if data is not None:
+            return KeyUsage(float(data["usage"]), int(data["total_uses"]))
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise BenchError(
+        f"{keygate.target.name} GET {OWN_KEY_PATH} answered {reply.status} "
+        f"{reply.body[:300]!r}, expected 200 JSON with data.usage and data.total_uses"
     )
-    for what, headers, expected in checks:
-        status, body = http_get(keygate.target.port, headers)
-        if status != expected:
-            raise BenchError(
-                f"pre-flight: keygate GET {PATH} {what} answered {status} {body[:300]!r}, "
-                f"expected {expected}"
-            )
-        print(f"pre-flight: keygate  GET {PATH} {what} -> {status}", file=sys.stderr)
+
+
+def wait_for_usage(keygate: Keygate, done: Callable[[KeyUsage], bool]) -> KeyUsage:
+    """The key's usage once ``done`` holds, or after SETTLE_WAIT seconds: settlements are
+    written after their response, so the last few may land a moment later."""
+    deadline = time.monotonic() + SETTLE_WAIT
+    while True:
+        usage = key_usage(keygate)
+        if done(usage) or time.monotonic() > deadline:
+            return usage
+        time.sleep(0.05)
+
+
+def wait_until_still(keygate: Keygate) -> KeyUsage:
+    """The key's usage once two readings 0.25 s apart agree (settlements in flight landed)."""
+    deadline = time.monotonic() + SETTLE_WAIT
+    last = key_usage(keygate)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = key_usage(keygate)
+        if now == last:
+            break
+        last = now
+    return last
+
+
+async def _audit_requests(target: Target, requests: int, concurrency: int) -> int:
+    """``requests`` GETs, ``concurrency`` at a time, each read to its end; returns how many
+    answered 200 with the exact body and without the cost header."""
+    good = 0
+    todo = iter(range(requests))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, headers=target.headers) as session:
+
+        async def worker() -> None:
+            nonlocal good
+            for _ in todo:
+                async with session.get(target.url) as response:
+                    body = await response.read()
+                    if (
+                        response.status == 200
+                        and body == BODY
+                        and COST_HEADER not in response.headers
+                    ):
+                        good += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return good
+
+
+def settlement_audit(keygate: Keygate, requests: int, concurrency: int) -> tuple[bool, str]:
+    """After wrk, whose stop cuts off requests in flight (see usage_check), a burst of
+    requests that all run to their end: then usage must grow by exactly COST per request."""
+    before = wait_until_still(keygate)
+    try:
+        good = asyncio.run(_audit_requests(keygate.target, requests, concurrency))
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise BenchError(f"settlement audit on {keygate.target.name}: {exc!r}") from None
+    after = wait_for_usage(
+        keygate,
+        lambda u: (
+            u.usage_micro - before.usage_micro == (u.total_uses - before.total_uses) * COST_MICRO
+        ),
+    )
+    uses = after.total_uses - before.total_uses
+    added = after.usage_micro - before.usage_micro
+    ok = good == requests and uses == requests and added == requests * COST_MICRO
+    return ok, (
+        f"- settlement audit: {requests:,} more requests, {concurrency} at a time, each read to "
+        f"its end ({good:,} answered 200, exact body, no {COST_HEADER}): total_uses "
+        f"+{uses:,}, usage +{added / MICRO:.6f} (expected +{requests * COST_MICRO / MICRO:.6f}) "
+        + ("-> exact: each settled once" if ok else "-> WRONG")
+    )
+
+
+def usage_check(
+    keygate: Keygate, completed: int, audit: tuple[bool, str] | None = None
+) -> tuple[bool, list[str]]:
+    """Was every request keygate+limits admitted settled exactly once at COST?
+
+    The naive test, usage == total_uses * COST, does not hold after wrk: when a run ends,
+    wrk closes connections with requests in flight. keygate has admitted some of them
+    (counted in total_uses, the reservation added to usage); if the client is gone before
+    the status line goes out, the settlement refunds the whole reservation (the route's
+    charge_failed is false): such a request costs 0. Every other admitted request costs
+    COST once settled, or RESERVE if its settlement never came. So what must hold is: usage
+    is a whole number of COSTs, at least one per response wrk (or the pre-flight) completed,
+    at most one per admitted request. ``audit`` (settlement_audit) is the exact check."""
+    usage = wait_until_still(keygate)
+    used, admitted = usage.usage_micro, usage.total_uses
+    naive = admitted * COST_MICRO
+    charged, rest = divmod(used, COST_MICRO)
+    consistent = rest == 0 and completed <= charged <= admitted
+    lines = [
+        f"- final `GET {OWN_KEY_PATH}`: data.usage = {usage.usage:.6f}, "
+        f"data.total_uses = {admitted:,}",
+        f"- usage == total_uses * {COST}: {usage.usage:.6f} vs {naive / MICRO:.6f}: "
+        + (
+            "equal"
+            if used == naive
+            else f"differ by {(used - naive) / MICRO:+.6f} ({(used - naive) / COST_MICRO:+g} "
+            "requests' worth)"
+        ),
+        f"- requests: {admitted:,} admitted (total_uses), {completed:,} completed by wrk, the "
+        f"pre-flight and the audit, {admitted - completed:,} in flight when a wrk run ended; "
+        f"usage = {charged:,}{'' if rest == 0 else ' + a fraction of'} x {COST}, so "
+        f"{admitted - charged:,} admitted request(s) cost nothing (refunded: client gone "
+        "before the status line) -> "
+        + (
+            f"consistent: at least one {COST} per completed request, at most one per "
+            "admitted request"
+            if consistent
+            else f"INCONSISTENT: expected a whole number of {COST}s, "
+            f"from {completed:,} to {admitted:,} of them"
+        ),
+    ]
+    ok = consistent
+    if audit is not None:
+        lines.append(audit[1])
+        ok = ok and audit[0]
+    return ok, lines
 
 
 # ------------------------------------------------------------------------------------ wrk
@@ -470,32 +711,44 @@ def table(targets: Sequence[Target], connections: Sequence[int], results: Result
             if not runs:
                 continue
             ratios = [r.rps / b.rps for r, b in zip(runs, bare, strict=False) if b.rps]
+            ratio = f"{_median(ratios):.2f}" if ratios else "n/a"
             rps = [r.rps for r in runs]
             lines.append(
                 f"| {t.name} | {c} | {_median(rps):,.0f} | {_median([r.p50_ms for r in runs]):.2f} "
-                f"| {_median([r.p99_ms for r in runs]):.2f} | {_median(ratios):.2f} "
+                f"| {_median([r.p99_ms for r in runs]):.2f} | {ratio} "
                 f"| {min(rps):,.0f}-{max(rps):,.0f} |"
             )
     return "\n".join(lines)
 
 
 def verdict(results: Results) -> list[str]:
+    """Issue 3's targets for each keygate target; then what the limits cost over keygate."""
     lines = []
-    kg64, bare64 = results.get(("keygate", 64), []), results.get(("bare", 64), [])
-    if kg64 and bare64:
-        ratio = _median([k.rps / b.rps for k, b in zip(kg64, bare64, strict=False)])
-        status = "met" if ratio >= 0.80 else "NOT met"
-        lines.append(
-            f"- keygate / bare req/s at 64 connections: {ratio:.2f} (target >= 0.80: {status})"
-        )
-    kg8, bare8 = results.get(("keygate", 8), []), results.get(("bare", 8), [])
-    if kg8 and bare8:
-        delta = _median([k.p50_ms - b.p50_ms for k, b in zip(kg8, bare8, strict=False)])
-        status = "met" if delta <= 0.5 else "NOT met"
-        lines.append(
-            f"- keygate p50 - bare p50 at 8 connections: {delta:+.2f} ms "
-            f"(target <= +0.50 ms: {status})"
-        )
+    for name in KEYGATES:
+        kg64, bare64 = results.get((name, 64), []), results.get(("bare", 64), [])
+        if kg64 and bare64:
+            ratio = _median([k.rps / b.rps for k, b in zip(kg64, bare64, strict=False)])
+            status = "met" if ratio >= 0.80 else "NOT met"
+            lines.append(
+                f"- {name} / bare req/s at 64 connections: {ratio:.2f} (target >= 0.80: {status})"
+            )
+        kg8, bare8 = results.get((name, 8), []), results.get(("bare", 8), [])
+        if kg8 and bare8:
+            delta = _median([k.p50_ms - b.p50_ms for k, b in zip(kg8, bare8, strict=False)])
+            status = "met" if delta <= 0.5 else "NOT met"
+            lines.append(
+                f"- {name} p50 - bare p50 at 8 connections: {delta:+.2f} ms "
+                f"(target <= +0.50 ms: {status})"
+            )
+    for c in sorted({c for name, c in results if name == "keygate+limits"}):
+        limited, plain = results.get(("keygate+limits", c), []), results.get(("keygate", c), [])
+        if limited and plain:
+            ratio = _median([k.rps / b.rps for k, b in zip(limited, plain, strict=False)])
+            delta = _median([k.p50_ms - b.p50_ms for k, b in zip(limited, plain, strict=False)])
+            lines.append(
+                f"- keygate+limits vs keygate at {c} connections: req/s x{ratio:.2f}, "
+                f"p50 {delta:+.2f} ms (medians of per-round ratios and differences)"
+            )
     return lines
 
 
@@ -527,6 +780,7 @@ def py_spy_binary() -> str | None:
 def profile_keygate(
     keygate: Keygate, procs: Processes, root: Path, connections: int, duration: float, threads: int
 ) -> None:
+    """py-spy on this keygate's process during one more wrk run against it."""
     binary = py_spy_binary()
     if binary is None:
         print(
@@ -547,7 +801,7 @@ def profile_keygate(
     if code != 0 or not out.is_file():
         raise BenchError(f"py-spy exited with {code}:\n{_tail(spy.log)}")
     print(
-        f"\n### py-spy: keygate during one wrk run at {connections} connections "
+        f"\n### py-spy: {keygate.target.name} during one wrk run at {connections} connections "
         f"for {duration:g}s ({result.rps:,.0f} req/s while sampled at {PROFILE_RATE} Hz)\n"
     )
     print(own_time_report(out.read_text()))
@@ -619,10 +873,22 @@ def _connections(text: str) -> list[int]:
     return values
 
 
+def _targets(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown target(s) {', '.join(unknown) or '(none given)'}; "
+            f"choose from {','.join(TARGETS)}"
+        )
+    return [t for t in TARGETS if t in names]  # the usual order, each once
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tests.bench.proxy_bench",
-        description="Interleaved wrk benchmark: upstream, bare aiohttp proxy, nginx, keygate.",
+        description="Interleaved wrk benchmark: upstream, bare aiohttp proxy, nginx, keygate, "
+        "keygate+limits.",
     )
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (default 6)")
     parser.add_argument("--duration", type=float, default=5, help="seconds per wrk run (default 5)")
@@ -635,11 +901,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--warmup", type=float, default=2, help="seconds of unrecorded load per target first"
     )
+    parser.add_argument(
+        "--targets",
+        type=_targets,
+        default=list(TARGETS),
+        help=f"comma-separated subset to measure (default all: {','.join(TARGETS)}); "
+        "ratios need bare",
+    )
     parser.add_argument("--profile", action="store_true", help="then profile keygate with py-spy")
+    parser.add_argument(
+        "--profile-target",
+        choices=KEYGATES,
+        default="keygate",
+        help="which keygate --profile samples (default keygate)",
+    )
     parser.add_argument(
         "--profile-duration", type=float, default=10, help="seconds of the profiled run (10)"
     )
-    parser.add_argument("--no-nginx", action="store_true", help="leave nginx out")
+    parser.add_argument("--no-nginx", action="store_true", help="leave nginx out (as --targets)")
     return parser
 
 
@@ -648,7 +927,10 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.profile and args.profile_target not in args.targets:
+        parser.error(f"--profile-target {args.profile_target} is not among --targets")
     if shutil.which("wrk") is None:
         print(
             "proxy_bench: wrk is not installed; it is the load generator "
@@ -663,8 +945,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     redis: EmbeddedRedis | None = None
     keep = False
     try:
-        redis = EmbeddedRedis(root / "redis").start()
-        return _bench(args, procs, root, redis.url)
+        if any(name in KEYGATES for name in args.targets):  # one server for both keygates
+            redis = EmbeddedRedis(root / "redis").start()
+        return _bench(args, procs, root, redis.url if redis is not None else "")
     except BenchError as exc:
         keep = True
         print(f"\nproxy_bench: FAILED: {exc}\n(logs kept in {root})", file=sys.stderr)
@@ -681,18 +964,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _bench(args: argparse.Namespace, procs: Processes, root: Path, redis_url: str) -> int:
-    upstream = start_upstream(procs)
-    bare = start_bare(procs, upstream)
-    nginx = None if args.no_nginx else start_nginx(procs, root / "nginx", upstream)
-    keygate = start_keygate(procs, root / "keygate", upstream, redis_url)
-    targets = [t for t in (upstream, bare, nginx, keygate.target) if t is not None]
-    preflight(targets, keygate)
+    wanted: list[str] = args.targets
+    upstream = start_upstream(procs)  # always: every proxy forwards to it
+    bare = start_bare(procs, upstream) if "bare" in wanted else None
+    nginx = None
+    if "nginx" in wanted and not args.no_nginx:
+        nginx = start_nginx(procs, root / "nginx", upstream)
+    keygates = [
+        start_keygate(procs, root / name, upstream, redis_url, limits=name == "keygate+limits")
+        for name in KEYGATES
+        if name in wanted
+    ]
+    by_name = {t.name: t for t in (upstream, bare, nginx) if t is not None}
+    by_name.update((k.target.name, k.target) for k in keygates)
+    targets = [by_name[name] for name in TARGETS if name in wanted and name in by_name]
+    preflight(targets, keygates)
+    completed: Counter[str] = Counter({t.name: 1 for t in targets})  # the pre-flight GET
 
     connections: list[int] = args.connections
     high = max(connections)
     if args.warmup > 0:
         for t in targets:
-            run_wrk(t, high, args.warmup, args.threads, procs)
+            completed[t.name] += run_wrk(t, high, args.warmup, args.threads, procs).requests
         print(f"warm-up: {args.warmup:g}s at {high} connections per target", file=sys.stderr)
 
     results: Results = {}
@@ -704,13 +997,21 @@ def _bench(args: argparse.Namespace, procs: Processes, root: Path, redis_url: st
             for t in order:
                 res = run_wrk(t, c, args.duration, args.threads, procs)
                 results.setdefault((t.name, c), []).append(res)
+                completed[t.name] += res.requests
                 print(
-                    f"round {r + 1}/{args.rounds}  c={c:<3} {t.name:<8} {res.rps:>9,.0f} req/s  "
+                    f"round {r + 1}/{args.rounds}  c={c:<3} {t.name:<14} {res.rps:>9,.0f} req/s  "
                     f"p50 {res.p50_ms:6.2f} ms  p99 {res.p99_ms:6.2f} ms",
                     file=sys.stderr,
                 )
     elapsed = time.monotonic() - started
     load_after = os.getloadavg()[0]
+    limited = next((k for k in keygates if k.limits), None)
+    usage_ok = True
+    usage_lines: list[str] = []
+    if limited is not None:
+        audit = settlement_audit(limited, AUDIT_REQUESTS, high)
+        completed[limited.target.name] += AUDIT_REQUESTS
+        usage_ok, usage_lines = usage_check(limited, completed[limited.target.name], audit)
 
     total_requests = sum(r.requests for runs in results.values() for r in runs)
     total_non_2xx = sum(r.non_2xx for runs in results.values() for r in runs)
@@ -718,7 +1019,8 @@ def _bench(args: argparse.Namespace, procs: Processes, root: Path, redis_url: st
     print(
         f"`python -m tests.bench.proxy_bench --rounds {args.rounds} --duration {args.duration:g} "
         f"--connections {','.join(map(str, connections))} --threads {args.threads}"
-        + (" --profile" if args.profile else "")
+        + ("" if wanted == list(TARGETS) else f" --targets {','.join(wanted)}")
+        + (f" --profile --profile-target {args.profile_target}" if args.profile else "")
         + "`\n"
     )
     print(
@@ -745,8 +1047,15 @@ def _bench(args: argparse.Namespace, procs: Processes, root: Path, redis_url: st
     print("\nMedians over rounds; `req/s vs bare` is the median of per-round ratios.")
     for line in verdict(results):
         print(line)
+    if usage_lines:
+        print(f"\n### keygate+limits: usage recorded (each response costs {COST})\n")
+        for line in usage_lines:
+            print(line)
     if args.profile:
-        profile_keygate(keygate, procs, root, high, args.profile_duration, args.threads)
+        profiled = next(k for k in keygates if k.target.name == args.profile_target)
+        profile_keygate(profiled, procs, root, high, args.profile_duration, args.threads)
+    if not usage_ok:
+        raise BenchError("keygate+limits' recorded usage is wrong (see the report above)")
     return 0
 
 
