@@ -54,6 +54,20 @@ def _field_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
     parser.add_argument("--expires-at", help="RFC 3339, e.g. 2027-01-31T00:00:00Z")
     parser.add_argument("--limit", type=float, help="spending limit in credits")
     parser.add_argument("--limit-reset", choices=("daily", "weekly", "monthly"))
+    parser.add_argument(
+        "--spend-cap",
+        dest="spend_caps",
+        action="append",
+        metavar="AMOUNT/PERIOD",
+        help="a further cap, all must hold: e.g. 50/monthly (repeat; replaces the list)",
+    )
+    byok = parser.add_mutually_exclusive_group()
+    byok.add_argument(
+        "--include-byok-in-limit", dest="include_byok_in_limit", action="store_const", const=True
+    )
+    byok.add_argument(
+        "--exclude-byok-from-limit", dest="include_byok_in_limit", action="store_const", const=False
+    )
     parser.add_argument("--rate-limit", metavar="N/SECONDS", help="e.g. 100/60")
     parser.add_argument("--metadata", action="append", metavar="K=V", help="(repeat)")
     state = parser.add_mutually_exclusive_group()
@@ -84,6 +98,7 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
         "expires_at",
         "limit",
         "limit_reset",
+        "include_byok_in_limit",
         "disabled",
     ):
         value = getattr(args, name, None)
@@ -95,6 +110,16 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
             body["rate_limit"] = {"requests": int(requests), "period_seconds": float(seconds)}
         except ValueError:
             raise CommandError("--rate-limit: expected N/SECONDS, e.g. 100/60", 2) from None
+    if args.spend_caps:
+        caps = []
+        for cap in args.spend_caps:
+            amount, _, period = cap.partition("/")
+            try:
+                caps.append({"amount": float(amount), "period": period})
+            except ValueError:
+                message = "--spend-cap: expected AMOUNT/PERIOD, e.g. 50/monthly"
+                raise CommandError(message, 2) from None
+        body["spend_caps"] = caps
     if args.metadata:
         pairs = [item.partition("=") for item in args.metadata]
         if any(not sep for _, sep, _ in pairs):
@@ -195,9 +220,12 @@ def _key_id(raw: str) -> str:
         raise CommandError(f"no API key with id {raw!r}") from None
 
 
-def _print(args: argparse.Namespace, record: KeyRecord, secret: str | None = None) -> None:
-    now = int(time.time() * 1000)
-    data = record.to_json(now)
+async def _print(
+    args: argparse.Namespace, store: KeyStore, record: KeyRecord, secret: str | None = None
+) -> None:
+    """The record with its usage now (or as it was, if it vanished since)."""
+    _, report = await store.report(record.id)
+    data = report.to_json() if report else record.to_json(int(time.time() * 1000))
     if args.json:
         print(json.dumps({**data, "key": secret} if secret else data, indent=2))
         return
@@ -223,7 +251,7 @@ def _create(args: argparse.Namespace) -> int:
             issued: Issued = await store.create(values, secret=secret, sha256=sha256)
         except KeyExists as exc:
             raise CommandError(str(exc)) from None
-        _print(args, issued.record, issued.secret)
+        await _print(args, store, issued.record, issued.secret)
         return 0
 
     return _run(args, action)
@@ -243,8 +271,8 @@ def _list(args: argparse.Namespace) -> int:
             )
         except BadCursor as exc:
             raise CommandError(f"--cursor: {exc}", 2) from None
-        now = int(time.time() * 1000)
-        rows = [r.to_json(now) for r in page.records]
+        reports = await store.reports([r.id for r in page.records])
+        rows = [reports[r.id].to_json() for r in page.records if r.id in reports]
         if args.json:
             print(json.dumps({"data": rows, "next_cursor": page.next_cursor}, indent=2))
         else:
@@ -261,7 +289,7 @@ def _show(args: argparse.Namespace) -> int:
         record = await store.get(_key_id(args.key_id))
         if record is None:
             raise CommandError(f"no API key with id {args.key_id!r}")
-        _print(args, record)
+        await _print(args, store, record)
         return 0
 
     return _run(args, action)
@@ -278,7 +306,7 @@ def _update(args: argparse.Namespace) -> int:
         record = await store.update(_key_id(args.key_id), values)
         if record is None:
             raise CommandError(f"no API key with id {args.key_id!r}")
-        _print(args, record)
+        await _print(args, store, record)
         return 0
 
     return _run(args, action)
@@ -305,7 +333,7 @@ def _rotate(args: argparse.Namespace) -> int:
         issued = await store.rotate(_key_id(args.key_id), args.grace_seconds)
         if issued is None:
             raise CommandError(f"no API key with id {args.key_id!r}")
-        _print(args, issued.record, issued.secret)
+        await _print(args, store, issued.record, issued.secret)
         return 0
 
     return _run(args, action)

@@ -192,12 +192,14 @@ class KeyAuthorizer:
             return Decision(status, key, now, rate=_rate_state(reply, 12), cap=cap)
         return Decision(status, key, now, rate=_rate_state(reply, 7))
 
-    async def settle(self, decision: Decision, policy: RoutePolicy, delta_micro: int) -> None:
-        """Add ``delta_micro`` (actual cost - held) to the buckets the reservation went to."""
+    def settle_args(
+        self, decision: Decision, policy: RoutePolicy, delta_micro: int
+    ) -> tuple[tuple[str, str], tuple[int, str, int]]:
+        """settle.lua's keys and args: add ``delta_micro`` (actual cost - held) to the
+        buckets the reservation went to."""
         assert decision.key is not None
         key_id = decision.key.id
-        await self.redis.evalsha(
-            SETTLE,
+        return (
             (self.names.record(key_id), self.names.usage(key_id, "")),
             (decision.now_ms, policy.byok, delta_micro),
         )

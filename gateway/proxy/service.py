@@ -103,8 +103,8 @@ class Proxy:
         try:
             response = await forward(self, ctx, meter)
         finally:
-            if decision is not None:  # also when the client left: settle runs to its end
-                await self.settlements.settle(ctx, decision, meter)
+            if decision is not None:  # also when the client left
+                self.settlements.settle(ctx, decision, meter)
         if not response.prepared:  # a 502/504 problem; streamed answers carry these already
             response.headers[REQUEST_ID] = ctx.request_id
             if decision is not None and decision.rate is not None:

@@ -4,18 +4,22 @@ The authorize script held the route's reservation; here the actual cost replaces
 the upstream's cost when the response tells, the reservation when it does not, and
 nothing when the upstream failed (connect error, timeout or reset before an answer, a
 5xx, or the client gone before the first byte) unless the route says ``charge_failed``.
-A settlement outlives its request (a client that leaves does not cancel it), and
-``drain`` waits for every one on shutdown, so nothing is lost or written twice.
+
+A settlement is queued into the multiplexer's batch of the current event-loop turn, with
+no task and no await in the request's path: the same coalescing as the authorization. It
+outlives its request (a client that leaves does not cancel it), is retried on a store
+error, and ``drain`` waits for every one on shutdown, so nothing is lost or written twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
+from gateway.proxy.authorize import SETTLE
 from gateway.proxy.context import RequestContext
 
 if TYPE_CHECKING:
@@ -48,44 +52,73 @@ def charge(ctx: RequestContext, decision: Decision, meter: CostMeter | None) -> 
 
 
 class Settlements:
-    """The settlements in flight, written through the same coalescing multiplexer."""
+    """The settlements in flight: reply futures, and retry tasks after a failure."""
 
     def __init__(self, authorizer: KeyAuthorizer) -> None:
         self.authorizer = authorizer
-        self.pending: set[asyncio.Task[None]] = set()
+        self.pending: set[asyncio.Future[Any]] = set()
         self.failed = 0  # settlements given up after retries (metrics, issue 6)
 
-    async def settle(
-        self, ctx: RequestContext, decision: Decision, meter: CostMeter | None
-    ) -> None:
+    def settle(self, ctx: RequestContext, decision: Decision, meter: CostMeter | None) -> None:
+        """Queue this request's settlement (nothing when the reservation was exact)."""
         delta = charge(ctx, decision, meter) - decision.held_micro
-        if delta == 0:  # the reservation was exact (a fixed cost): nothing to write
+        if delta == 0:  # a fixed cost, reserved exactly: nothing to write
             return
         assert ctx.policy is not None
-        task = asyncio.create_task(self._write(ctx, decision, delta))
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
-        await asyncio.shield(task)
+        keys, args = self.authorizer.settle_args(decision, ctx.policy, delta)
+        call = ("EVALSHA", SETTLE.sha, len(keys), *keys, *args)
+        reply = self.authorizer.redis.submit(*call)
+        if reply is None:  # no connection open: a task connects first
+            self._track(asyncio.ensure_future(self._send(call)))
+        else:
+            self._track(reply)
+            reply.add_done_callback(lambda done: self._check(done, call))
 
-    async def _write(self, ctx: RequestContext, decision: Decision, delta: int) -> None:
-        assert ctx.policy is not None
+    def _track(self, future: asyncio.Future[Any]) -> None:
+        self.pending.add(future)
+        future.add_done_callback(self.pending.discard)
+
+    def _check(self, done: asyncio.Future[Any], call: tuple[Any, ...]) -> None:
+        if done.cancelled() or done.exception() is None:
+            return
+        error = done.exception()
+        if isinstance(error, NoScriptError):  # not run: the server lost its scripts
+            self._track(asyncio.ensure_future(self._send(call)))
+        else:
+            self._lost(call, error)
+
+    async def _send(self, call: tuple[Any, ...]) -> None:
+        """Send a settlement that was not run. Retries only while nothing can have run:
+        a settlement whose fate is unknown (connection lost after sending) is never sent
+        again, so no cost is ever counted twice."""
+        redis = self.authorizer.redis
+        error: BaseException | None = None
         for attempt in range(_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(0.05 * 2**attempt)
             try:
-                await self.authorizer.settle(decision, ctx.policy, delta)
+                await redis.connect()
+            except (RedisError, OSError) as exc:
+                error = exc
+                continue  # nothing was sent
+            try:
+                await redis.evalsha(SETTLE, call[3 : 3 + call[2]], call[3 + call[2] :])
                 return
             except (RedisError, OSError) as exc:
-                if attempt + 1 == _ATTEMPTS:
-                    self.failed += 1
-                    log.error(
-                        "settlement of %d micro-units for key %s lost: %s",
-                        delta,
-                        decision.key.id if decision.key else "?",
-                        type(exc).__name__,
-                    )
-                    return
-                await asyncio.sleep(0.05 * 2**attempt)
+                error = exc
+                break
+        self._lost(call, error)
+
+    def _lost(self, call: tuple[Any, ...], error: BaseException | None) -> None:
+        self.failed += 1
+        log.error(
+            "settlement of %s micro-units for %s lost: %s",
+            call[-1],
+            call[3],
+            type(error).__name__,
+        )
 
     async def drain(self) -> None:
-        """Wait for every settlement in flight (graceful shutdown)."""
+        """Wait for every settlement in flight (graceful shutdown, tests)."""
         while self.pending:
-            await asyncio.gather(*self.pending, return_exceptions=True)
+            await asyncio.gather(*list(self.pending), return_exceptions=True)

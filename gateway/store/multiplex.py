@@ -324,6 +324,20 @@ class RedisMultiplexer:
         except NoScriptError:
             return await self.execute("EVAL", script.source, len(keys), *keys, *args)
 
+    def submit(self, *args: Arg) -> asyncio.Future[Any] | None:
+        """Queue one command in this turn's batch without a coroutine or task: its reply's
+        future, or None when no connection is open (nothing was sent; see ``connect``)."""
+        connection = self._connection
+        if connection is None or not connection.open:
+            return None
+        return connection.send(_pack(args))
+
+    async def connect(self) -> None:
+        """Open the connection if none is open; raises when it cannot (nothing is sent)."""
+        connection = self._connection
+        if connection is None or not connection.open:
+            await self._connect()
+
     async def close(self) -> None:
         """Fail calls in flight with ConnectionError and close the socket; later calls fail."""
         self._closed = True

@@ -175,7 +175,11 @@ async def test_create_prints_the_secret_once_and_show_and_list_never(
         assert secret not in result.out and shown[0] not in result.out
     shown_json = outputs[0].json()
     assert "key" not in shown_json
-    assert shown_json == {k: v for k, v in created.items() if k != "key"}
+    # rate_limit_state.full_at is "now" when the key is idle: it moves between reads.
+    moving = ("key", "rate_limit_state")
+    assert {k: v for k, v in shown_json.items() if k not in moving} == {
+        k: v for k, v in created.items() if k not in moving
+    }
     rows = table(outputs[1].out)
     assert rows["id"] == created["id"] and rows["label"] == created["label"]
     assert rows["scopes"] == "chat:invoke,apikeys:view" and rows["limit"] == "12.5"
@@ -325,7 +329,9 @@ async def test_update_changes_only_the_given_fields(cli: Cli, store: KeyStore) -
     key_id, secret = created["id"], created.pop("key")
 
     def changed(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
-        return {k for k in before if before[k] != after[k]} - {"updated_at"}
+        # Derived from what changed (limit -> limit_remaining, caps) or from "now".
+        derived = {"updated_at", "limit_remaining", "caps", "rate_limit_state"}
+        return {k for k in before if before[k] != after[k]} - derived
 
     renamed = ok(await cli("keys", "update", key_id, "--name", "after"))
     rows = table(renamed.out)
@@ -394,6 +400,30 @@ async def test_revoke_then_show_says_no_such_key(
     assert (await store.authenticate(second_key["key"])).status == "not_found"
 
 
+async def test_spend_caps_and_byok_inclusion_and_usage_in_show(
+    cli: Cli, store: KeyStore, redis: Any, key_prefix: str
+) -> None:
+    created = ok(
+        await cli(
+            "keys", "create", "--json", "--limit", "5", "--limit-reset", "daily",
+            "--spend-cap", "50/monthly", "--spend-cap", "400/total", "--include-byok-in-limit",
+        )
+    ).json()  # fmt: skip
+    assert created["spend_caps"] == [
+        {"amount": 50.0, "period": "monthly"},
+        {"amount": 400.0, "period": "total"},
+    ]
+    assert created["include_byok_in_limit"] is True
+    assert [cap["name"] for cap in created["caps"]] == ["limit", "spend_caps[0]", "spend_caps[1]"]
+    await redis.set(f"{key_prefix}u:{{{created['id']}}}:t", 1_250_000)
+    shown = ok(await cli("keys", "show", "--json", created["id"])).json()
+    assert shown["usage"] == 1.25 and shown["caps"][2]["remaining"] == 398.75
+    changed = ok(
+        await cli("keys", "update", "--json", created["id"], "--exclude-byok-from-limit")
+    ).json()
+    assert changed["include_byok_in_limit"] is False
+
+
 async def test_rotate_gives_a_new_secret_and_the_old_one_stops(
     cli: Cli, store: KeyStore, make_key: MakeKey
 ) -> None:
@@ -444,6 +474,11 @@ BAD_INPUT: list[tuple[list[str], tuple[str, ...]]] = [
     (["create", "--expires-at", "2001-01-01T00:00:00Z"], (r"^keygate: expires_at: .*future",)),
     (["create", "--limit-reset", "hourly"], (r"argument --limit-reset: invalid choice: 'hourly'",)),
     (["create", "--rate-limit", "ten"], (r"^keygate: --rate-limit: expected N/SECONDS",)),
+    (["create", "--spend-cap", "lots"], (r"^keygate: --spend-cap: expected AMOUNT/PERIOD",)),
+    (
+        ["create", "--spend-cap", "5/hourly"],
+        (r"^keygate: spend_caps: item 0 period must be one of daily, weekly, monthly, total$",),
+    ),
     (["update", ANY_ID, "--metadata", "novalue"], (r"^keygate: --metadata: expected KEY=VALUE",)),
     (
         ["create", "--limit", "-1", "--expires-at", "soon", "--user-id", "x"],

@@ -167,3 +167,34 @@ async def test_a_key_revoked_mid_request_is_not_recreated_by_its_settlement(
     assert await request == 200
     rid = issued.record.id
     assert not await redis.exists(f"{key_prefix}k:{{{rid}}}", f"{key_prefix}u:{{{rid}}}:t")
+
+
+async def test_a_settlement_survives_the_server_losing_its_scripts(
+    cost_gateway: Gateway, make_key: MakeKey, http: aiohttp.ClientSession,
+    redis: Redis, key_prefix: str,
+) -> None:
+    issued = await make_key()
+    usage = Usage(redis, key_prefix, issued.record.id)
+    assert await call(cost_gateway, http, "/c/header?cost=0.25", issued.secret) == 200
+    await redis.script_flush()  # as after a restart without persistence of the script cache
+    assert await call(cost_gateway, http, "/c/header?cost=0.5", issued.secret) == 200
+    assert await usage.total() == 750_000
+    assert cost_gateway.proxy.settlements.failed == 0
+
+
+async def test_a_settlement_waits_for_a_connection_when_none_is_open(
+    cost_gateway: Gateway, make_key: MakeKey, http: aiohttp.ClientSession,
+    redis: Redis, key_prefix: str,
+) -> None:
+    issued = await make_key()
+    usage = Usage(redis, key_prefix, issued.record.id)
+    assert await call(cost_gateway, http, "/c/header?cost=0.25&delay=0.3", issued.secret) == 200
+    request = asyncio.ensure_future(
+        call(cost_gateway, http, "/c/header?cost=0.5&delay=0.3", issued.secret)
+    )
+    await asyncio.sleep(0.1)  # authorized, waiting for the upstream
+    # The server drops the gateway's connection: none is open when the settlement is due.
+    own_id = await cost_gateway.mux.execute("CLIENT", "ID")
+    assert await redis.client_kill_filter(_id=own_id) == 1
+    assert await request == 200
+    assert await usage.total() == 750_000
