@@ -59,6 +59,7 @@ class Decision:
     held_micro: int = 0  # reserved against the caps; settle trues it up
     rate: RateState | None = None
     cap: BlockedCap | None = None
+    settle_keys: tuple[str, str] = ("", "")  # the record and usage prefix, for settle.lua
 
 
 NOT_FOUND = Decision("not_found")
@@ -172,18 +173,21 @@ class KeyAuthorizer:
     async def _decide(self, key_id: str, policy: RoutePolicy, args: tuple[Any, ...]) -> Decision:
         names = self.names
         rate_key = names.rate(key_id)
+        record, usage = names.record(key_id), names.usage(key_id, "")
         reply = await self.redis.evalsha(
-            AUTHORIZE,
-            (names.record(key_id), names.usage(key_id, ""), rate_key, f"{rate_key}:{policy.name}"),
-            args,
+            AUTHORIZE, (record, usage, rate_key, f"{rate_key}:{policy.name}"), args
         )
         status = _text(reply[0])
         if status == "not_found":
             return NOT_FOUND
         key = _identity(*reply[2:7])
         now = int(reply[1])
-        if status in ("ok", "rate_limited"):
-            return Decision(status, key, now, int(reply[7]), _rate_state(reply, 8))
+        if status == "ok":
+            return Decision(
+                status, key, now, int(reply[7]), _rate_state(reply, 8), None, (record, usage)
+            )
+        if status == "rate_limited":
+            return Decision(status, key, now, 0, _rate_state(reply, 8))
         if status == "spend_limited":
             name, amount, period, counted, resets = reply[7:12]
             cap = BlockedCap(
@@ -191,18 +195,6 @@ class KeyAuthorizer:
             )
             return Decision(status, key, now, rate=_rate_state(reply, 12), cap=cap)
         return Decision(status, key, now, rate=_rate_state(reply, 7))
-
-    def settle_args(
-        self, decision: Decision, policy: RoutePolicy, delta_micro: int
-    ) -> tuple[tuple[str, str], tuple[int, str, int]]:
-        """settle.lua's keys and args: add ``delta_micro`` (actual cost - held) to the
-        buckets the reservation went to."""
-        assert decision.key is not None
-        key_id = decision.key.id
-        return (
-            (self.names.record(key_id), self.names.usage(key_id, "")),
-            (decision.now_ms, policy.byok, delta_micro),
-        )
 
 
 def _rate_state(reply: list[Any], at: int) -> RateState | None:

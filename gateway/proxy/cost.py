@@ -12,6 +12,7 @@ rounds half up once, at the end: 3 tokens at 0.000002 credits are exactly 6 micr
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import zlib
@@ -30,7 +31,10 @@ MAX_EVENT = 1 << 20  # bytes of one server-sent event's data; a larger event is 
 # store keeps micro-units exact in the Lua scripts' doubles.
 MAX_CREDITS = MAX_MONEY
 _MAX_MICRO = Decimal(MAX_CREDITS * MICRO)
+_ONE = Decimal(1)
 _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+# At most 1e9 credits with at most 6 decimals: a whole number of micro-units, no rounding.
+_PLAIN = re.compile(r"[ \t]*(\d{1,9})(?:\.(\d{0,6}))?[ \t]*", re.ASCII)
 
 
 class CostMeter:
@@ -68,11 +72,15 @@ class FixedMeter(CostMeter):
     __slots__ = ("_credits",)
 
     def __init__(self, credits: float) -> None:
-        super().__init__(Decimal(1))
+        super().__init__(_ONE)
         self._credits = credits
 
     def result(self) -> int | None:
-        return self._settle(_decimal(self._credits), "fixed cost")
+        micro = _fixed_micro(self._credits)
+        if isinstance(micro, str):
+            self.problem = micro
+            return None
+        return micro
 
 
 class HeaderMeter(CostMeter):
@@ -93,7 +101,14 @@ class HeaderMeter(CostMeter):
             self._values = [] if value is None else [value]
 
     def result(self) -> int | None:
-        return self._settle(_header_number(self._name, self._values), self._name)
+        values = self._values
+        if len(values) == 1 and self._per_unit == 1:
+            # The common case, a plain amount of credits: exact in integers, no Decimal.
+            plain = _PLAIN.fullmatch(values[0])
+            if plain is not None:
+                whole, fraction = plain.groups()
+                return int(whole) * MICRO + int((fraction or "").ljust(6, "0"))
+        return self._settle(_header_number(self._name, values), self._name)
 
 
 class JsonMeter(CostMeter):
@@ -275,6 +290,12 @@ def meter_for(rule: CostRule) -> CostMeter:
     raise ValueError("a cost rule sets one of fixed, header or json")
 
 
+@functools.lru_cache(maxsize=256)
+def _fixed_micro(credits: float) -> int | str:
+    return _micro(_decimal(credits), _ONE, "fixed cost")
+
+
+@functools.lru_cache(maxsize=256)  # a route's numbers: converted once, not per request
 def _decimal(number: float) -> Decimal:
     # The shortest repr is what the config spelled; Decimal(0.1) would keep binary noise.
     return Decimal(repr(number))

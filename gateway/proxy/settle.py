@@ -56,7 +56,7 @@ class Settlements:
 
     def __init__(self, authorizer: KeyAuthorizer) -> None:
         self.authorizer = authorizer
-        self.pending: set[asyncio.Future[Any]] = set()
+        self.pending: dict[asyncio.Future[Any], tuple[Any, ...]] = {}  # reply -> command
         self.failed = 0  # settlements given up after retries (metrics, issue 6)
 
     def settle(self, ctx: RequestContext, decision: Decision, meter: CostMeter | None) -> None:
@@ -64,26 +64,24 @@ class Settlements:
         delta = charge(ctx, decision, meter) - decision.held_micro
         if delta == 0:  # a fixed cost, reserved exactly: nothing to write
             return
-        assert ctx.policy is not None
-        keys, args = self.authorizer.settle_args(decision, ctx.policy, delta)
-        call = ("EVALSHA", SETTLE.sha, len(keys), *keys, *args)
+        assert ctx.policy is not None and decision.key is not None
+        record, usage = decision.settle_keys
+        call = ("EVALSHA", SETTLE.sha, 2, record, usage, decision.now_ms, ctx.policy.byok, delta)
         reply = self.authorizer.redis.submit(*call)
         if reply is None:  # no connection open: a task connects first
-            self._track(asyncio.ensure_future(self._send(call)))
-        else:
-            self._track(reply)
-            reply.add_done_callback(lambda done: self._check(done, call))
+            reply = asyncio.ensure_future(self._send(call))
+        self.pending[reply] = call
+        reply.add_done_callback(self._done)
 
-    def _track(self, future: asyncio.Future[Any]) -> None:
-        self.pending.add(future)
-        future.add_done_callback(self.pending.discard)
-
-    def _check(self, done: asyncio.Future[Any], call: tuple[Any, ...]) -> None:
-        if done.cancelled() or done.exception() is None:
+    def _done(self, reply: asyncio.Future[Any]) -> None:
+        call = self.pending.pop(reply)
+        if reply.cancelled() or reply.exception() is None:
             return
-        error = done.exception()
+        error = reply.exception()
         if isinstance(error, NoScriptError):  # not run: the server lost its scripts
-            self._track(asyncio.ensure_future(self._send(call)))
+            retry = asyncio.ensure_future(self._send(call))
+            self.pending[retry] = call
+            retry.add_done_callback(self._done)
         else:
             self._lost(call, error)
 

@@ -805,6 +805,9 @@ def profile_keygate(
         f"for {duration:g}s ({result.rps:,.0f} req/s while sampled at {PROFILE_RATE} Hz)\n"
     )
     print(own_time_report(out.read_text()))
+    kept = Path(tempfile.gettempdir()) / f"keygate-py-spy-{keygate.target.name}.txt"
+    shutil.copyfile(out, kept)  # the run's directory goes; the raw stacks stay for a look
+    print(f"\n(raw collapsed stacks: {kept})")
 
 
 def own_time_report(collapsed: str, top: int = 15) -> str:

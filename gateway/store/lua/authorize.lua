@@ -61,15 +61,20 @@ if requests then
 end
 
 if ARGV[5] ~= '' then
-  local held = cjson.decode(f[9] or '[]')
+  local scopes, held = f[9] or '[]', nil
   for needed in string.gmatch(ARGV[5], '%S+') do
-    local ok = false
-    for _, s in ipairs(held) do
-      if s == needed or s == '*'
-        or (string.sub(s, -2) == ':*' and string.sub(needed, 1, #s - 1) == string.sub(s, 1, -2))
-      then ok = true break end
+    -- The scope itself, quoted, in the JSON list: granted without decoding it (stored
+    -- scopes are [A-Za-z0-9_.:*-] only, so a match is always a whole list item).
+    if not string.find(scopes, '"' .. needed .. '"', 1, true) then
+      held = held or cjson.decode(scopes)
+      local ok = false
+      for _, s in ipairs(held) do
+        if s == needed or s == '*'
+          or (string.sub(s, -2) == ':*' and string.sub(needed, 1, #s - 1) == string.sub(s, 1, -2))
+        then ok = true break end
+      end
+      if not ok then return reply('forbidden_scope', unpack(idle_rate)) end
     end
-    if not ok then return reply('forbidden_scope', unpack(idle_rate)) end
   end
 end
 

@@ -67,8 +67,11 @@ local function add_usage(prefix, b, byok, delta)
   local p = byok and 'b' or ''
   for _, period in ipairs({'daily', 'weekly', 'monthly'}) do
     local key = prefix .. p .. b[period]
-    redis.call('INCRBY', key, delta)
-    redis.call('PEXPIREAT', key, b[period .. '_end'] + KEEP[period])
+    -- A bucket gets its expiry when it is created (its value is then the delta); one
+    -- that already existed has it, so the common case is a single command.
+    if redis.call('INCRBY', key, delta) == delta then
+      redis.call('PEXPIREAT', key, b[period .. '_end'] + KEEP[period])
+    end
   end
   redis.call('INCRBY', prefix .. p .. 't', delta)
 end
