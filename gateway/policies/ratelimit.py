@@ -1,7 +1,7 @@
 """Rate-limit headers of the IETF draft (draft-ietf-httpapi-ratelimit-headers-10).
 
-The limit itself is decided in the authorize script (GCRA, gateway/store/lua/
-authorize.lua); this module only says it on the wire:
+The limit itself is decided, and these values written, by the authorize script (GCRA,
+gateway/store/lua/authorize.lua); this module only puts them on the wire:
 
     RateLimit-Policy: "key";q=100;w=60      100 requests per 60 s, the key's own limit
     RateLimit: "key";r=42;t=35              42 left now; the whole quota is back in 35 s
@@ -17,21 +17,15 @@ if TYPE_CHECKING:
     from gateway.proxy.authorize import RateState
 
 
-def _seconds(ms: int) -> int:
-    return max(0, -(-ms // 1000))  # rounded up: a client that waits this long is admitted
-
-
-def headers(rate: RateState) -> list[tuple[str, str]]:
+def headers(rate: RateState) -> tuple[tuple[str, str], tuple[str, str]]:
     """The two header fields every response to a rate-limited key carries."""
-    window = max(1, _seconds(rate.window_ms))
-    return [
-        ("RateLimit-Policy", f'"{rate.policy}";q={rate.requests};w={window}'),
-        ("RateLimit", f'"{rate.policy}";r={rate.remaining};t={_seconds(rate.full_in_ms)}'),
-    ]
+    return (("RateLimit-Policy", rate.policy), ("RateLimit", rate.current))
 
 
 def denied_headers(rate: RateState) -> dict[str, str]:
     """A 429's headers: the draft's two fields and Retry-After."""
-    out = dict(headers(rate))
-    out["Retry-After"] = str(max(1, _seconds(rate.retry_in_ms)))
-    return out
+    return {
+        "RateLimit-Policy": rate.policy,
+        "RateLimit": rate.current,
+        "Retry-After": str(rate.retry_after),
+    }

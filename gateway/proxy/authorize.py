@@ -11,8 +11,9 @@ import functools
 import hashlib
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.policies.limits import RoutePolicy
 from gateway.proxy.context import KeyIdentity
@@ -26,16 +27,13 @@ AUTHORIZE = LuaScript.from_source(script_source("authorize"))
 SETTLE = LuaScript.from_source(script_source("settle"))
 
 
-@dataclass(frozen=True, slots=True)
-class RateState:
-    """The rate limit that applied, for the RateLimit headers (IETF draft) and 429s."""
+class RateState(NamedTuple):
+    """The rate limit that applied, as the IETF draft's header values (authorize.lua
+    writes them), for every response to the key and for 429s."""
 
-    policy: str  # "key" (the key's own limit) or "route" (the route's default)
-    requests: int
-    window_ms: int
-    remaining: int
-    full_in_ms: int  # until the whole burst is available again
-    retry_in_ms: int  # until the next request is allowed (0 when allowed now)
+    policy: str  # RateLimit-Policy, e.g. "key";q=100;w=60
+    current: str  # RateLimit, e.g. "key";r=42;t=35
+    retry_after: int  # seconds until the next request is allowed (for a 429)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +126,9 @@ class KeyAuthorizer:
         self.cache = HashCache(cache_size)
         self.secret_prefix = secret_prefix
         self.clock = clock  # '' (the server's TIME) except in tests of period rollover
+        # Called with the reply of an authorization whose request was cancelled meanwhile
+        # (the proxy refunds its reservation); replaced by Proxy.
+        self.abandoned: Callable[[list[Any], tuple[str, str], RoutePolicy], None] = _ignore
 
     async def authorize(
         self, secret: str, policy: RoutePolicy, method: str, resource: str | None = None
@@ -174,8 +175,12 @@ class KeyAuthorizer:
         names = self.names
         rate_key = names.rate(key_id)
         record, usage = names.record(key_id), names.usage(key_id, "")
-        reply = await self.redis.evalsha(
-            AUTHORIZE, (record, usage, rate_key, f"{rate_key}:{policy.name}"), args
+        reply = await self.redis.run_script(
+            AUTHORIZE,
+            (record, usage, rate_key, f"{rate_key}:{policy.name}"),
+            args,
+            # The client left while the script ran: hand back what it reserved.
+            lambda late: self.abandoned(late, (record, usage), policy),
         )
         status = _text(reply[0])
         if status == "not_found":
@@ -197,12 +202,12 @@ class KeyAuthorizer:
         return Decision(status, key, now, rate=_rate_state(reply, 7))
 
 
+def _ignore(reply: list[Any], keys: tuple[str, str], policy: RoutePolicy) -> None:
+    return None
+
+
 def _rate_state(reply: list[Any], at: int) -> RateState | None:
-    """The rate fields from index ``at``: requests ('' when no limit applies), window_ms,
-    remaining, full_in_ms, retry_in_ms, policy."""
-    if len(reply) <= at or reply[at] in (b"", ""):
+    """The rate fields from index ``at`` (see authorize.lua), or None."""
+    if len(reply) <= at + 2:
         return None
-    requests, window, remaining, full_in, retry_in, policy = reply[at : at + 6]
-    return RateState(
-        _text(policy), int(requests), int(window), int(remaining), int(full_in), int(retry_in)
-    )
+    return RateState(_text(reply[at]), _text(reply[at + 1]), int(reply[at + 2]))

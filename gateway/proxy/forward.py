@@ -77,6 +77,10 @@ async def forward(
         ) as upstream:
             exchange.touch()
             ctx.upstream_status = upstream.status
+            feed = None
+            if meter is not None:  # before any await: a client leaving must not hide the cost
+                meter.see_headers(upstream.status, upstream.headers)
+                feed = meter.feed if meter.needs_body else None
             skip = ctx.policy.response_skip if ctx.policy is not None else frozenset()
             headers = client_response_headers(upstream.headers, ctx.request_id, skip)
             if ctx.decision is not None and ctx.decision.rate is not None:
@@ -88,10 +92,6 @@ async def forward(
             await response.prepare(request)
             ctx.responded = True
             exchange.touch()
-            feed = None
-            if meter is not None:
-                meter.see_headers(upstream.status, upstream.headers)
-                feed = meter.feed if meter.needs_body else None
             async for chunk in upstream.content.iter_any():
                 exchange.pause()
                 await response.write(chunk)  # each chunk as it comes: SSE stays live

@@ -77,6 +77,7 @@ class Proxy:
         self.deadlines = Deadlines()
         self.stats = ProxyStats()
         self.settlements = Settlements(authorizer)
+        authorizer.abandoned = self.settlements.release
 
     async def start(self) -> None:
         self.sessions = {name: upstream_session(u) for name, u in self.settings.upstreams.items()}

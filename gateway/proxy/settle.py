@@ -23,6 +23,7 @@ from gateway.proxy.authorize import SETTLE
 from gateway.proxy.context import RequestContext
 
 if TYPE_CHECKING:
+    from gateway.policies.limits import RoutePolicy
     from gateway.proxy.authorize import Decision, KeyAuthorizer
     from gateway.proxy.cost import CostMeter
 
@@ -72,6 +73,18 @@ class Settlements:
             reply = asyncio.ensure_future(self._send(call))
         self.pending[reply] = call
         reply.add_done_callback(self._done)
+
+    def release(self, reply: list[Any], keys: tuple[str, str], policy: RoutePolicy) -> None:
+        """Refund what an authorization reserved for a request that was gone before it
+        could be forwarded (its client left while the script ran)."""
+        if str(reply[0]) != "ok" or int(reply[7]) == 0:
+            return
+        call = ("EVALSHA", SETTLE.sha, 2, *keys, int(reply[1]), policy.byok, -int(reply[7]))
+        future = self.authorizer.redis.submit(*call)
+        if future is None:
+            future = asyncio.ensure_future(self._send(call))
+        self.pending[future] = call
+        future.add_done_callback(self._done)
 
     def _done(self, reply: asyncio.Future[Any]) -> None:
         call = self.pending.pop(reply)

@@ -145,8 +145,8 @@ def _refusal(
         return deny(
             ctx,
             Outcome.RATE_LIMITED,
-            f"this key may make {decision.rate.requests} requests per "
-            f"{decision.rate.window_ms / 1000:g} s; retry later",
+            f"this key's rate limit ({decision.rate.policy}) is reached; "
+            f"retry in {decision.rate.retry_after} s",
             headers=ratelimit.denied_headers(decision.rate),
         )
     assert status == "spend_limited" and decision.cap is not None

@@ -26,7 +26,7 @@ import collections
 import contextlib
 import hashlib
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -149,9 +149,15 @@ class _Connection(asyncio.Protocol):
     """
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, timeout: float, decode: bool, stats: MultiplexStats
+        self,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+        decode: bool,
+        stats: MultiplexStats,
+        late: dict[asyncio.Future[Any], Callable[[Any], None]],
     ) -> None:
         self.open = False  # True from connect until the first failure or close
+        self._late = late  # a cancelled caller's handler for its reply (see when_cancelled)
         self.lost: asyncio.Future[None] = loop.create_future()
         self._loop = loop
         self._timeout = timeout
@@ -245,7 +251,10 @@ class _Connection(asyncio.Protocol):
                 return
             future = pending.popleft()
             self._answered += 1
-            if future.done():  # its caller was cancelled: drop the reply
+            if future.done():  # its caller was cancelled: drop the reply, or hand it over
+                handler = self._late.pop(future, None) if self._late else None
+                if handler is not None:
+                    handler(reply)
                 continue
             # Error replies arrive as exception instances (replyError above); nested ones
             # (inside an array) stay values, as in redis-py.
@@ -281,6 +290,8 @@ class _Connection(asyncio.Protocol):
         for future in pending:
             if not future.done():
                 future.set_exception(kind(message))
+            elif self._late:
+                self._late.pop(future, None)  # no reply will come: whether it ran is unknown
         if self._transport is not None and not self._transport.is_closing():
             self._transport.abort()  # nothing more is read from it: late replies are dropped
 
@@ -304,6 +315,7 @@ class RedisMultiplexer:
         self._connection: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self._closed = False
+        self._late: dict[asyncio.Future[Any], Callable[[Any], None]] = {}
 
     async def execute(self, *args: Arg) -> Any:
         """Send one command in this turn's batch; its reply, or its error reply raised."""
@@ -331,6 +343,34 @@ class RedisMultiplexer:
         if connection is None or not connection.open:
             return None
         return connection.send(_pack(args))
+
+    async def run_script(
+        self,
+        script: LuaScript,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        when_cancelled: Callable[[Any], None],
+    ) -> Any:
+        """``evalsha``, for a script whose effects must not be lost with its caller: if the
+        caller is cancelled after the script was sent, ``when_cancelled`` gets the reply
+        when it arrives (not an error reply; nothing when the connection fails first)."""
+        tail = (len(keys), *keys, *args)
+        for head in (("EVALSHA", script.sha), ("EVAL", script.source)):
+            connection = self._connection
+            if connection is None or not connection.open:
+                connection = await self._connect()
+            future = connection.send(_pack((*head, *tail)))
+            try:
+                return await future
+            except NoScriptError:
+                continue  # not run: the server lost its script cache; EVAL loads it
+            except asyncio.CancelledError:
+                if future.cancelled():
+                    self._late[future] = lambda reply: (
+                        None if isinstance(reply, Exception) else when_cancelled(reply)
+                    )
+                raise
+        raise AssertionError("EVAL does not answer NOSCRIPT")
 
     async def connect(self) -> None:
         """Open the connection if none is open; raises when it cannot (nothing is sent)."""
@@ -387,7 +427,7 @@ class RedisMultiplexer:
         endpoint = self._endpoint
 
         def protocol() -> _Connection:
-            return _Connection(loop, self._socket_timeout, self._decode, self.stats)
+            return _Connection(loop, self._socket_timeout, self._decode, self.stats, self._late)
 
         connection: _Connection | None = None
         try:

@@ -198,3 +198,29 @@ async def test_a_settlement_waits_for_a_connection_when_none_is_open(
     assert await redis.client_kill_filter(_id=own_id) == 1
     assert await request == 200
     assert await usage.total() == 750_000
+
+
+async def test_a_client_gone_while_its_authorization_runs_gets_its_reservation_back(
+    cost_gateway: Gateway, make_key: MakeKey, http: aiohttp.ClientSession,
+    redis: Redis, key_prefix: str,
+) -> None:
+    issued = await make_key(limit_micro=1_000_000)
+    usage = Usage(redis, key_prefix, issued.record.id)
+    assert await call(cost_gateway, http, "/c/header?cost=0", issued.secret) == 200  # warm
+    # Writes wait while the server is paused: the authorize script is sent, not yet run,
+    # when the client gives up; it runs (and reserves) after the request was cancelled.
+    await redis.execute_command("CLIENT", "PAUSE", "400", "WRITE")
+    try:
+        async with http.get(
+            f"{cost_gateway.url}/c/header?cost=0.5",
+            headers=bearer(issued.secret),
+            timeout=aiohttp.ClientTimeout(total=0.15),
+        ) as r:
+            await r.read()
+    except TimeoutError:
+        pass
+    await asyncio.sleep(0.6)  # the pause ends, the script runs, its late reply is handled
+    await cost_gateway.proxy.settlements.drain()
+    assert await usage.total() == 0
+    assert await usage.uses() == 2  # admitted, then refunded: never forwarded
+    assert await call(cost_gateway, http, "/c/header?cost=1", issued.secret) == 200

@@ -11,12 +11,12 @@
 --       names none, '1' not read yet, '2' read: 7, 8 route rate limit requests ('' none),
 --       9 route rate period (ms)
 -- Returns {status, now_ms} for not_found, else {status, now_ms, id, workspace_id, user_id,
--- scopes_json, resources_json|false, ...}: for ok and rate_limited then held, requests,
--- period_ms, remaining, full_in_ms, retry_in_ms, policy 'key'|'route' (requests '' and
--- nothing after it when no rate limit applies);
--- for spend_limited then cap name, amount, period, counted spend, resets_at_ms (0: never),
--- then the rate fields as for ok (the state without this request); for forbidden_scope and
--- forbidden_resource those rate fields alone.
+-- scopes_json, resources_json|false, ...}: for ok and rate_limited then held and the rate
+-- fields: RateLimit-Policy, RateLimit, Retry-After seconds ('' alone when no rate limit
+-- applies; the key's own limit is policy "key", a route's default "route"); for
+-- spend_limited then cap name, amount, period, counted spend, resets_at_ms (0: never),
+-- then the rate fields (the state without this request); for forbidden_scope and
+-- forbidden_resource the rate fields alone.
 local now_us = clock_us(ARGV[2])
 local now = math.floor(now_us / 1000)
 local f = redis.call('HMGET', KEYS[1], 'hash', 'grace_hash', 'grace_until', 'disabled',
@@ -44,8 +44,15 @@ elseif ARGV[8] ~= '' then
   requests, period_us = tonumber(ARGV[8]), tonumber(ARGV[9]) * 1000
   rate_key, policy = KEYS[4], 'route'
 end
+-- The IETF draft's header values are written here, where the numbers are, so the
+-- proxy only copies them: RateLimit-Policy, RateLimit, and Retry-After (seconds).
 local rate, idle_rate = {''}, {''} -- after this request; as it stands without it
 local interval, window, tat, new_tat, allow_at
+local function rate_fields(remaining, full_in_us, retry_in_us)
+  return {string.format('"%s";q=%d;w=%d', policy, requests, math.max(1, math.ceil(window / 1e6))),
+    string.format('"%s";r=%d;t=%d', policy, remaining, math.ceil(full_in_us / 1e6)),
+    math.max(1, math.ceil(retry_in_us / 1e6))}
+end
 if requests then
   interval = math.ceil(period_us / requests)
   window = interval * requests
@@ -54,10 +61,9 @@ if requests then
   new_tat = tat + interval
   allow_at = new_tat - window
   local remaining = math.floor((now_us - allow_at) / interval)
-  rate = {requests, math.floor(window / 1000), remaining, math.ceil((new_tat - now_us) / 1000),
-    0, policy}
-  idle_rate = {requests, rate[2], math.max(0, math.min(requests, remaining + 1)),
-    math.ceil((tat - now_us) / 1000), 0, policy}
+  if now_us >= allow_at then rate = rate_fields(remaining, new_tat - now_us, 0) end
+  idle_rate = rate_fields(math.max(0, math.min(requests, remaining + 1)), tat - now_us,
+    allow_at - now_us)
 end
 
 if ARGV[5] ~= '' then
@@ -87,10 +93,7 @@ if f[10] and ARGV[6] ~= '0' then
   if ARGV[7] == '' or not allowed then return reply('forbidden_resource', unpack(idle_rate)) end
 end
 
-if requests and now_us < allow_at then
-  return reply('rate_limited', 0, requests, math.floor(window / 1000), 0,
-    math.ceil((tat - now_us) / 1000), math.ceil((allow_at - now_us) / 1000), policy)
-end
+if requests and now_us < allow_at then return reply('rate_limited', 0, unpack(idle_rate)) end
 
 -- Spending caps: every cap must have room for the reservation, and a cap already used up
 -- refuses even a request that reserves nothing, unless its route charges nothing at all.
