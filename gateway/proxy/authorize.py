@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from gateway.store.multiplex import LuaScript, RedisMultiplexer
 from gateway.store.names import KeyNames
 from gateway.store.scripts import script_source
 from gateway.store.secrets import has_bad_checksum
-from gateway.usage.periods import ClockOverride, server_clock
+from gateway.usage.periods import DAY_MS, ClockOverride, day_hint, server_clock
 
 AUTHORIZE = LuaScript.from_source(script_source("authorize"))
 SETTLE = LuaScript.from_source(script_source("settle"))
@@ -145,9 +146,10 @@ class KeyAuthorizer:
             # A mistyped or made-up keygate key: refused without asking Redis. A cached
             # hash is a real key's, so the check is skipped on the hot path.
             return NOT_FOUND
+        clock = self.clock()
         args = (
             digest,
-            self.clock(),
+            clock,
             policy.reserve,
             policy.byok,
             policy.needed_scopes(method),
@@ -155,6 +157,9 @@ class KeyAuthorizer:
             resource or "",
             policy.rate_requests,
             policy.rate_period_ms,
+            # The buckets of this process's clock: the script uses them when its own clock
+            # falls in the same UTC day, and computes its own otherwise.
+            *day_hint(int(clock or time.time() * 1000) // DAY_MS),
         )
         if key_id is not None:
             decision = await self._decide(key_id, policy, args)

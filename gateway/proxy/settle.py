@@ -21,6 +21,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from gateway.proxy.authorize import SETTLE
 from gateway.proxy.context import RequestContext
+from gateway.usage.periods import DAY_MS, day_hint
 
 if TYPE_CHECKING:
     from gateway.policies.limits import RoutePolicy
@@ -53,38 +54,61 @@ def charge(ctx: RequestContext, decision: Decision, meter: CostMeter | None) -> 
 
 
 class Settlements:
-    """The settlements in flight: reply futures, and retry tasks after a failure."""
+    """Settlements: summed per key, UTC day and BYOK flag within one event-loop turn, then
+    sent in the multiplexer's batch; the reply futures in flight; retries after a failure.
+
+    A hot key's many responses in one turn become one script call with their summed
+    delta: exact (a sum of integers), and the same buckets, since every instant of one UTC
+    day falls in the same day, week and month.
+    """
 
     def __init__(self, authorizer: KeyAuthorizer) -> None:
         self.authorizer = authorizer
         self.pending: dict[asyncio.Future[Any], tuple[Any, ...]] = {}  # reply -> command
         self.failed = 0  # settlements given up after retries (metrics, issue 6)
+        # (record key, usage prefix, UTC day, byok) -> [an instant of that day, delta]
+        self._turn: dict[tuple[str, str, int, str], list[int]] = {}
+        self._flush_handle: asyncio.Handle | None = None
 
     def settle(self, ctx: RequestContext, decision: Decision, meter: CostMeter | None) -> None:
         """Queue this request's settlement (nothing when the reservation was exact)."""
         delta = charge(ctx, decision, meter) - decision.held_micro
         if delta == 0:  # a fixed cost, reserved exactly: nothing to write
             return
-        assert ctx.policy is not None and decision.key is not None
+        assert ctx.policy is not None
         record, usage = decision.settle_keys
-        call = ("EVALSHA", SETTLE.sha, 2, record, usage, decision.now_ms, ctx.policy.byok, delta)
-        reply = self.authorizer.redis.submit(*call)
-        if reply is None:  # no connection open: a task connects first
-            reply = asyncio.ensure_future(self._send(call))
-        self.pending[reply] = call
-        reply.add_done_callback(self._done)
+        self._add(record, usage, decision.now_ms, ctx.policy.byok, delta)
 
     def release(self, reply: list[Any], keys: tuple[str, str], policy: RoutePolicy) -> None:
         """Refund what an authorization reserved for a request that was gone before it
         could be forwarded (its client left while the script ran)."""
-        if str(reply[0]) != "ok" or int(reply[7]) == 0:
-            return
-        call = ("EVALSHA", SETTLE.sha, 2, *keys, int(reply[1]), policy.byok, -int(reply[7]))
-        future = self.authorizer.redis.submit(*call)
-        if future is None:
-            future = asyncio.ensure_future(self._send(call))
-        self.pending[future] = call
-        future.add_done_callback(self._done)
+        if str(reply[0]) == "ok" and int(reply[7]) != 0:
+            self._add(keys[0], keys[1], int(reply[1]), policy.byok, -int(reply[7]))
+
+    def _add(self, record: str, usage: str, now_ms: int, byok: str, delta: int) -> None:
+        key = (record, usage, now_ms // DAY_MS, byok)
+        entry = self._turn.get(key)
+        if entry is None:
+            self._turn[key] = [now_ms, delta]
+            if self._flush_handle is None:
+                self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            entry[1] += delta
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        turn, self._turn = self._turn, {}
+        redis = self.authorizer.redis
+        for (record, usage, _, byok), (now_ms, delta) in turn.items():
+            if delta == 0:
+                continue
+            hint = day_hint(now_ms // DAY_MS)  # exact: the authorize script's own instant
+            call = ("EVALSHA", SETTLE.sha, 2, record, usage, now_ms, byok, delta, *hint)
+            reply = redis.submit(*call)
+            if reply is None:  # no connection open: a task connects first
+                reply = asyncio.ensure_future(self._send(call))
+            self.pending[reply] = call
+            reply.add_done_callback(self._done)
 
     def _done(self, reply: asyncio.Future[Any]) -> None:
         call = self.pending.pop(reply)
@@ -124,12 +148,15 @@ class Settlements:
         self.failed += 1
         log.error(
             "settlement of %s micro-units for %s lost: %s",
-            call[-1],
+            call[7],
             call[3],
             type(error).__name__,
         )
 
     async def drain(self) -> None:
         """Wait for every settlement in flight (graceful shutdown, tests)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush()
         while self.pending:
             await asyncio.gather(*list(self.pending), return_exceptions=True)

@@ -8,6 +8,7 @@ Thursday), months are calendar months.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -91,3 +92,23 @@ def history(period: Period, now_ms: int, count: int) -> list[Bucket]:
         found.append(bucket(period, found[-1].start_ms - 1))
     found.reverse()
     return found
+
+
+DayHint = tuple[int, str, str, str, int, int, int]
+
+
+@functools.lru_cache(maxsize=64)
+def day_hint(day: int) -> DayHint:
+    """The buckets of UTC day number ``day`` as the Lua scripts take them (buckets_at in
+    lib.lua): day start, daily, weekly and monthly names, then their three ends (ms)."""
+    now_ms = day * DAY_MS
+    daily, weekly, monthly = (bucket(p, now_ms) for p in PERIODS)
+    return (
+        daily.start_ms,
+        daily.name,
+        weekly.name,
+        monthly.name,
+        daily.end_ms,
+        weekly.end_ms,
+        monthly.end_ms,
+    )

@@ -105,3 +105,24 @@ async def test_own_key_after_rotation_accepts_the_grace_secret(
         async with http.get(f"{cost_gateway.url}/v1/key", headers=bearer(secret)) as r:
             assert r.status == 200
             assert (await r.json())["data"]["label"] == rotated.record.label
+
+
+async def test_last_used_at_is_kept_to_the_second(
+    start_cost_gateway: object, make_key: MakeKey, http: aiohttp.ClientSession
+) -> None:
+    clock = FixedClock(to_ms(SUNDAY_EVENING))
+    gateway: Gateway = await start_cost_gateway(clock=clock)  # type: ignore[operator]
+    issued = await make_key()
+    seen = []
+    for step in (0, 999, 1, 5000):
+        clock.advance(step)
+        async with http.get(f"{gateway.url}/c/free", headers=bearer(issued.secret)) as r:
+            assert r.status == 200
+        async with http.get(f"{gateway.url}/v1/key", headers=bearer(issued.secret)) as r:
+            seen.append((await r.json())["data"]["last_used_at"])
+    assert seen == [
+        "2026-11-22T20:00:00.000Z",
+        "2026-11-22T20:00:00.000Z",  # 999 ms later: the same second's record stands
+        "2026-11-22T20:00:01.000Z",
+        "2026-11-22T20:00:06.000Z",
+    ]

@@ -9,7 +9,8 @@
 --       route that charges nothing: caps do not apply to it),
 --       4 byok route '1'|'0', 5 needed scopes (space-separated), 6 resource: '0' the route
 --       names none, '1' not read yet, '2' read: 7, 8 route rate limit requests ('' none),
---       9 route rate period (ms)
+--       9 route rate period (ms), 10-16 the buckets of the caller's clock (a hint, see
+--       buckets_at in lib.lua)
 -- Returns {status, now_ms} for not_found, else {status, now_ms, id, workspace_id, user_id,
 -- scopes_json, resources_json|false, ...}: for ok and rate_limited then held and the rate
 -- fields: RateLimit-Policy, RateLimit, Retry-After seconds ('' alone when no rate limit
@@ -21,7 +22,7 @@ local now_us = clock_us(ARGV[2])
 local now = math.floor(now_us / 1000)
 local f = redis.call('HMGET', KEYS[1], 'hash', 'grace_hash', 'grace_until', 'disabled',
   'expires_at', 'id', 'workspace_id', 'user_id', 'scopes', 'resources', 'rate_limit',
-  unpack(CAP_FIELDS))
+  'last_used_at', unpack(CAP_FIELDS))
 local presented = ARGV[1]
 if not f[1] then return {'not_found', now} end
 if f[1] ~= presented and not (f[2] == presented and now < tonumber(f[3] or '0')) then
@@ -46,7 +47,7 @@ elseif ARGV[8] ~= '' then
 end
 -- The IETF draft's header values are written here, where the numbers are, so the
 -- proxy only copies them: RateLimit-Policy, RateLimit, and Retry-After (seconds).
-local rate, idle_rate = {''}, {''} -- after this request; as it stands without it
+local rate = {''} -- after this request
 local interval, window, tat, new_tat, allow_at
 local function rate_fields(remaining, full_in_us, retry_in_us)
   return {string.format('"%s";q=%d;w=%d', policy, requests, math.max(1, math.ceil(window / 1e6))),
@@ -62,8 +63,12 @@ if requests then
   allow_at = new_tat - window
   local remaining = math.floor((now_us - allow_at) / interval)
   if now_us >= allow_at then rate = rate_fields(remaining, new_tat - now_us, 0) end
-  idle_rate = rate_fields(math.max(0, math.min(requests, remaining + 1)), tat - now_us,
-    allow_at - now_us)
+end
+-- The state without this request, for refusals only: formatted when one is made.
+local function idle()
+  if not requests then return '' end
+  return unpack(rate_fields(math.max(0, math.min(requests, math.floor((now_us - allow_at) /
+    interval) + 1)), tat - now_us, allow_at - now_us))
 end
 
 if ARGV[5] ~= '' then
@@ -79,7 +84,7 @@ if ARGV[5] ~= '' then
           or (string.sub(s, -2) == ':*' and string.sub(needed, 1, #s - 1) == string.sub(s, 1, -2))
         then ok = true break end
       end
-      if not ok then return reply('forbidden_scope', unpack(idle_rate)) end
+      if not ok then return reply('forbidden_scope', idle()) end
     end
   end
 end
@@ -90,22 +95,22 @@ if f[10] and ARGV[6] ~= '0' then
   for _, r in ipairs(cjson.decode(f[10])) do
     if r == ARGV[7] then allowed = true break end
   end
-  if ARGV[7] == '' or not allowed then return reply('forbidden_resource', unpack(idle_rate)) end
+  if ARGV[7] == '' or not allowed then return reply('forbidden_resource', idle()) end
 end
 
-if requests and now_us < allow_at then return reply('rate_limited', 0, unpack(idle_rate)) end
+if requests and now_us < allow_at then return reply('rate_limited', 0, idle()) end
 
 -- Spending caps: every cap must have room for the reservation, and a cap already used up
 -- refuses even a request that reserves nothing, unless its route charges nothing at all.
 local reserve = tonumber(ARGV[3]) or 0
 local byok = ARGV[4] == '1'
-local with_byok = f[14] == '1'
+local with_byok = f[15] == '1'
 local b = nil
-if ARGV[3] ~= '' and (f[12] or f[15]) and (not byok or with_byok) then
-  b = buckets(now)
-  local base = f[16] and cjson.decode(f[16]) or {} -- [bucket, micro] per cap (update.lua)
+if ARGV[3] ~= '' and (f[13] or f[16]) and (not byok or with_byok) then
+  b = buckets_at(now, ARGV, 10)
+  local base = f[17] and cjson.decode(f[17]) or {} -- [bucket, micro] per cap (update.lua)
   local blocking = nil
-  for i, cap in ipairs(caps_of(f[12], f[13], f[15])) do
+  for i, cap in ipairs(caps_of(f[13], f[14], f[16])) do
     local used = counted(KEYS[2], cap, b, with_byok, base[i])
     if used >= cap[2] or used + reserve > cap[2] then
       local at = resets_at(cap, b)
@@ -116,7 +121,7 @@ if ARGV[3] ~= '' and (f[12] or f[15]) and (not byok or with_byok) then
     end
   end
   if blocking then
-    for _, v in ipairs(idle_rate) do blocking[#blocking + 1] = v end
+    for _, v in ipairs({idle()}) do blocking[#blocking + 1] = v end
     return reply('spend_limited', unpack(blocking))
   end
 end
@@ -127,7 +132,10 @@ if new_tat then
   redis.call('SET', rate_key, string.format('%.0f', new_tat), 'PX',
     math.ceil((new_tat - now_us) / 1000) + 1000)
 end
-if reserve > 0 then add_usage(KEYS[2], b or buckets(now), byok, reserve) end
+if reserve > 0 then add_usage(KEYS[2], b or buckets_at(now, ARGV, 10), byok, reserve) end
 redis.call('HINCRBY', KEYS[1], 'total_uses', 1)
-redis.call('HSET', KEYS[1], 'last_used_at', now)
+-- last_used_at to the second: a busy key's record is not rewritten on every request.
+if not f[12] or now - tonumber(f[12]) >= 1000 or now < tonumber(f[12]) then
+  redis.call('HSET', KEYS[1], 'last_used_at', now)
+end
 return reply('ok', reserve, unpack(rate))
