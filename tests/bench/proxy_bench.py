@@ -721,19 +721,26 @@ def table(targets: Sequence[Target], connections: Sequence[int], results: Result
     return "\n".join(lines)
 
 
+# Requests/s against bare at 64 connections: issue 3's target for keygate, issue 4's for
+# keygate with limits on. The p50 target (issue 3) is keygate's alone.
+RPS_TARGETS = {"keygate": 0.80, "keygate+limits": 0.75}
+
+
 def verdict(results: Results) -> list[str]:
-    """Issue 3's targets for each keygate target; then what the limits cost over keygate."""
+    """The issues' targets for each keygate target; then what the limits cost over keygate."""
     lines = []
     for name in KEYGATES:
         kg64, bare64 = results.get((name, 64), []), results.get(("bare", 64), [])
         if kg64 and bare64:
             ratio = _median([k.rps / b.rps for k, b in zip(kg64, bare64, strict=False)])
-            status = "met" if ratio >= 0.80 else "NOT met"
+            target = RPS_TARGETS[name]
+            status = "met" if ratio >= target else "NOT met"
             lines.append(
-                f"- {name} / bare req/s at 64 connections: {ratio:.2f} (target >= 0.80: {status})"
+                f"- {name} / bare req/s at 64 connections: {ratio:.2f} "
+                f"(target >= {target:.2f}: {status})"
             )
         kg8, bare8 = results.get((name, 8), []), results.get(("bare", 8), [])
-        if kg8 and bare8:
+        if kg8 and bare8 and name == "keygate":
             delta = _median([k.p50_ms - b.p50_ms for k, b in zip(kg8, bare8, strict=False)])
             status = "met" if delta <= 0.5 else "NOT met"
             lines.append(
