@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -83,7 +85,11 @@ class Proxy:
         self.sessions = {name: upstream_session(u) for name, u in self.settings.upstreams.items()}
 
     async def close(self) -> None:
-        """Close the upstream pools once every settlement in flight is written."""
+        """Close the upstream pools once every settlement in flight is written, refunds of
+        authorizations whose clients left included."""
+        with contextlib.suppress(TimeoutError):  # a reply is overdue: its connection fails
+            async with asyncio.timeout(self.settings.redis.socket_timeout):
+                await self.authorizer.redis.late_replies_handled()
         await self.settlements.drain()
         for session in self.sessions.values():
             await session.close()

@@ -140,6 +140,23 @@ def _pack(args: tuple[Arg, ...]) -> bytes:
         raise DataError(f"Redis arguments must be str, bytes, int or float: {args!r}") from None
 
 
+class _LateReplies(dict[asyncio.Future[Any], Callable[[Any], None]]):
+    """Handlers for the replies of cancelled callers, and who waits for them all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def take(self, future: asyncio.Future[Any]) -> Callable[[Any], None] | None:
+        handler = self.pop(future, None)
+        if not self and self.waiters:
+            waiters, self.waiters = self.waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        return handler
+
+
 class _Connection(asyncio.Protocol):
     """One socket: per-turn batches out, replies in, matched to futures strictly in order.
 
@@ -154,7 +171,7 @@ class _Connection(asyncio.Protocol):
         timeout: float,
         decode: bool,
         stats: MultiplexStats,
-        late: dict[asyncio.Future[Any], Callable[[Any], None]],
+        late: _LateReplies,
     ) -> None:
         self.open = False  # True from connect until the first failure or close
         self._late = late  # a cancelled caller's handler for its reply (see when_cancelled)
@@ -252,7 +269,7 @@ class _Connection(asyncio.Protocol):
             future = pending.popleft()
             self._answered += 1
             if future.done():  # its caller was cancelled: drop the reply, or hand it over
-                handler = self._late.pop(future, None) if self._late else None
+                handler = self._late.take(future) if self._late else None
                 if handler is not None:
                     handler(reply)
                 continue
@@ -291,7 +308,7 @@ class _Connection(asyncio.Protocol):
             if not future.done():
                 future.set_exception(kind(message))
             elif self._late:
-                self._late.pop(future, None)  # no reply will come: whether it ran is unknown
+                self._late.take(future)  # no reply will come: whether it ran is unknown
         if self._transport is not None and not self._transport.is_closing():
             self._transport.abort()  # nothing more is read from it: late replies are dropped
 
@@ -315,7 +332,7 @@ class RedisMultiplexer:
         self._connection: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self._closed = False
-        self._late: dict[asyncio.Future[Any], Callable[[Any], None]] = {}
+        self._late = _LateReplies()
 
     async def execute(self, *args: Arg) -> Any:
         """Send one command in this turn's batch; its reply, or its error reply raised."""
@@ -371,6 +388,14 @@ class RedisMultiplexer:
                     )
                 raise
         raise AssertionError("EVAL does not answer NOSCRIPT")
+
+    async def late_replies_handled(self) -> None:
+        """Return once the replies of cancelled ``run_script`` calls have reached their
+        handlers (or their connection failed): on shutdown, before draining what they do."""
+        if self._late:
+            waiter = asyncio.get_running_loop().create_future()
+            self._late.waiters.append(waiter)
+            await waiter
 
     async def connect(self) -> None:
         """Open the connection if none is open; raises when it cannot (nothing is sent)."""

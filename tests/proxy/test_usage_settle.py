@@ -224,3 +224,27 @@ async def test_a_client_gone_while_its_authorization_runs_gets_its_reservation_b
     assert await usage.total() == 0
     assert await usage.uses() == 2  # admitted, then refunded: never forwarded
     assert await call(cost_gateway, http, "/c/header?cost=1", issued.secret) == 200
+
+
+async def test_shutdown_waits_for_a_late_authorization_and_refunds_it(
+    cost_gateway: Gateway, make_key: MakeKey, http: aiohttp.ClientSession,
+    redis: Redis, key_prefix: str,
+) -> None:
+    issued = await make_key(limit_micro=1_000_000)
+    usage = Usage(redis, key_prefix, issued.record.id)
+    assert await call(cost_gateway, http, "/c/header?cost=0", issued.secret) == 200  # warm
+    await redis.execute_command("CLIENT", "PAUSE", "400", "WRITE")
+    try:
+        async with http.get(
+            f"{cost_gateway.url}/c/header?cost=0.5",
+            headers=bearer(issued.secret),
+            timeout=aiohttp.ClientTimeout(total=0.15),
+        ) as r:
+            await r.read()
+    except TimeoutError:
+        pass
+    await asyncio.sleep(0.05)  # the handler is cancelled; its script has not run yet
+    assert await usage.uses() == 1  # not run yet
+    await cost_gateway.proxy.close()  # returns once the late reply's refund is written
+    assert await usage.uses() == 2  # the abandoned authorization ran before close returned
+    assert await usage.total() == 0  # and what it reserved came back
