@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from gateway.credentials import extract
 from gateway.errors import Outcome, problem
 from gateway.proxy.headers import REQUEST_ID
+from gateway.proxy.steps import KEY_DENIALS
 from gateway.store.multiplex import LuaScript
 from gateway.store.scripts import script_source
 from gateway.usage.report import UsageReport
@@ -26,11 +27,6 @@ if TYPE_CHECKING:
 
 PATH = "/v1/key"
 REPORT = LuaScript.from_source(script_source("report"))
-_DENIED = {
-    "not_found": (Outcome.INVALID_KEY, "the API key is not valid"),
-    "expired": (Outcome.EXPIRED, "the API key has expired"),
-    "disabled": (Outcome.DISABLED, "the API key is disabled"),
-}
 
 
 def is_own_key_request(request: web.BaseRequest) -> bool:
@@ -58,7 +54,7 @@ async def _answer(proxy: Proxy, request: web.BaseRequest) -> web.Response:
         if key_id is None:
             raw_id = await authorizer.redis.execute("GET", names.by_hash(digest))
             if raw_id is None:
-                return problem(*_DENIED["not_found"])
+                return problem(*KEY_DENIALS["not_found"])
             key_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
         reply = await authorizer.redis.evalsha(
             REPORT,
@@ -69,7 +65,7 @@ async def _answer(proxy: Proxy, request: web.BaseRequest) -> web.Response:
         return problem(Outcome.STORE_ERROR, "the key store is unavailable; retry shortly")
     status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
     if status != "ok":
-        return problem(*_DENIED[status])
+        return problem(*KEY_DENIALS[status])
     body = {"data": UsageReport.from_reply(reply).to_json()}
     return web.Response(
         text=json.dumps(body),

@@ -73,7 +73,7 @@ async def take_credential(proxy: Proxy, ctx: RequestContext) -> web.StreamRespon
     return None
 
 
-_DENIALS = {
+KEY_DENIALS = {  # the script's refusals of the key itself, also for GET /v1/key
     "not_found": (Outcome.INVALID_KEY, "the API key is not valid"),
     "expired": (Outcome.EXPIRED, "the API key has expired"),
     "disabled": (Outcome.DISABLED, "the API key is disabled"),
@@ -86,7 +86,7 @@ async def authorize_key(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse
     assert ctx.secret is not None and ctx.match is not None
     policy = ctx.policy = proxy.policies[ctx.match.route.name]
     try:
-        resource = await _resource_without_body(ctx)
+        resource = _resource_without_body(ctx)
         if isinstance(resource, web.StreamResponse):
             return resource
         decision = await proxy.authorizer.authorize(
@@ -110,8 +110,8 @@ async def authorize_key(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse
         ctx.key = decision.key
         ctx.decision = decision
         return None
-    if decision.key is None or status in _DENIALS:
-        outcome, detail = _DENIALS[status]
+    if decision.key is None or status in KEY_DENIALS:
+        outcome, detail = KEY_DENIALS[status]
         return deny(ctx, outcome, detail)
     response = _refusal(ctx, decision, policy, resource)
     if decision.rate is not None and status != "rate_limited":  # a 429 has them already
@@ -183,7 +183,7 @@ def spend_denied(ctx: RequestContext, cap: BlockedCap, now_ms: int) -> web.Respo
     )
 
 
-async def _resource_without_body(ctx: RequestContext) -> str | web.Response | None:
+def _resource_without_body(ctx: RequestContext) -> str | web.Response | None:
     """The resource a request names in its query or path ("" for none); None when the
     route reads it from the body (read only if the key turns out to be restricted)."""
     assert ctx.match is not None
