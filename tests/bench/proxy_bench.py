@@ -67,6 +67,7 @@ import yaml
 
 from gateway.embedded import EmbeddedRedis
 from tests.bench.fast_upstream import BODY, COST, COST_HEADER
+from tests.procs import server_pid
 
 ROOT = Path(__file__).resolve().parents[2]
 PATH = "/bench"
@@ -76,6 +77,7 @@ START_TIMEOUT = 30.0
 PROFILE_RATE = 200  # py-spy samples per second
 TARGETS = ("upstream", "bare", "nginx", "keygate", "keygate+limits")
 KEYGATES = ("keygate", "keygate+limits")
+PROXIES = ("bare", "nginx", *KEYGATES)  # what --pin gives a CPU of its own
 OWN_KEY_PATH = "/v1/key"  # keygate's own-key report on the proxy listener
 LIMITS_PREFIX = "kgl:"  # keygate+limits' Redis key prefix on the shared valkey-server
 RESERVE = 0.001  # credits keygate+limits reserves per request (the upstream reports COST)
@@ -125,15 +127,28 @@ class Started:
 class Processes:
     """Every server process the harness started, stopped by pid in reverse order."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, pin: bool = False) -> None:
         self.log_dir = log_dir
         self.started: list[Started] = []
+        self.pin = pin
+
+    def cpu_of(self, name: str) -> int | None:
+        """With --pin: the proxies measured get CPU 0 to themselves; the load generator,
+        the upstream and Redis share CPU 1 (as a proxy's Redis runs elsewhere in
+        production). None without --pin."""
+        if not self.pin:
+            return None
+        return 0 if name in PROXIES else 1
+
+    def pinned(self, name: str, argv: Sequence[str]) -> list[str]:
+        cpu = self.cpu_of(name)
+        return list(argv) if cpu is None else ["taskset", "-c", str(cpu), *argv]
 
     def start(self, name: str, argv: Sequence[str]) -> Started:
         log = self.log_dir / f"{name}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
-                list(argv),
+                self.pinned(name, argv),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -665,7 +680,7 @@ def wrk_argv(target: Target, connections: int, duration: float, threads: int) ->
 def run_wrk(
     target: Target, connections: int, duration: float, threads: int, procs: Processes
 ) -> WrkResult:
-    argv = wrk_argv(target, connections, duration, threads)
+    argv = procs.pinned("wrk", wrk_argv(target, connections, duration, threads))
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
     if done.returncode != 0:
         raise BenchError(
@@ -929,6 +944,11 @@ def _parser() -> argparse.ArgumentParser:
         "--profile-duration", type=float, default=10, help="seconds of the profiled run (10)"
     )
     parser.add_argument("--no-nginx", action="store_true", help="leave nginx out (as --targets)")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="proxies on CPU 0 alone; wrk, the upstream and Redis on CPU 1 (needs 2 CPUs)",
+    )
     return parser
 
 
@@ -951,12 +971,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)  # stop everything on SIGTERM as on Ctrl-C
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     root = Path(tempfile.mkdtemp(prefix="kgbench", dir="/tmp"))  # short: a unix socket lives here
-    procs = Processes(root)
+    procs = Processes(root, pin=args.pin)
     redis: EmbeddedRedis | None = None
     keep = False
     try:
         if any(name in KEYGATES for name in args.targets):  # one server for both keygates
             redis = EmbeddedRedis(root / "redis").start()
+            cpu = procs.cpu_of("redis")
+            if cpu is not None:
+                os.sched_setaffinity(server_pid(redis.socket_path), {cpu})
         return _bench(args, procs, root, redis.url if redis is not None else "")
     except BenchError as exc:
         keep = True
@@ -1031,11 +1054,18 @@ def _bench(args: argparse.Namespace, procs: Processes, root: Path, redis_url: st
         f"--connections {','.join(map(str, connections))} --threads {args.threads}"
         + ("" if wanted == list(TARGETS) else f" --targets {','.join(wanted)}")
         + (f" --profile --profile-target {args.profile_target}" if args.profile else "")
+        + (" --pin" if args.pin else "")
         + "`\n"
     )
     print(
         f"- machine: {os.cpu_count()} CPUs ({_cpu()}), {platform.system()} "
-        f"{platform.release()}; nothing pinned; everything on loopback; load average "
+        f"{platform.release()}; "
+        + (
+            "proxies pinned to CPU 0, wrk, upstream and Redis to CPU 1"
+            if args.pin
+            else "nothing pinned"
+        )
+        + "; everything on loopback; load average "
         f"{load_before:.2f} before measuring, {load_after:.2f} after (other work on the "
         "machine shows here)"
     )
