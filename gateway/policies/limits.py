@@ -6,10 +6,11 @@ Built once per route at startup; the per-request work is a dict lookup.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.config.model import CostRule, Route
-from gateway.proxy.cost import CostMeter, meter_for
+from gateway.proxy.cost import CostMeter, meter_factory
 from gateway.proxy.headers import response_skip
 from gateway.store.record import MICRO
 
@@ -25,6 +26,7 @@ class RoutePolicy:
     charge_failed: bool
     names_resource: bool  # the route has a resource rule (checked against allow-lists)
     cost: CostRule | None
+    new_meter: Callable[[], CostMeter] | None  # a fresh cost meter per response
     response_skip: frozenset[str]  # response headers the client never sees (cost header)
 
     @classmethod
@@ -43,6 +45,7 @@ class RoutePolicy:
             charge_failed=route.charge_failed,
             names_resource=route.resource is not None,
             cost=route.cost,
+            new_meter=None if route.cost is None else meter_factory(route.cost),
             response_skip=response_skip(route.cost.header if route.cost else None),
         )
 
@@ -53,4 +56,4 @@ class RoutePolicy:
 
     def meter(self) -> CostMeter | None:
         """A fresh meter of this request's cost; None when the route charges nothing."""
-        return None if self.cost is None else meter_for(self.cost)
+        return None if self.new_meter is None else self.new_meter()
