@@ -5,6 +5,7 @@ carrying the path; upstream failures are refunded unless the route charges them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiohttp
 from redis.asyncio import Redis
@@ -200,25 +201,31 @@ async def test_a_settlement_waits_for_a_connection_when_none_is_open(
     assert await usage.total() == 750_000
 
 
+async def abandon_while_paused(
+    gateway: Gateway, http: aiohttp.ClientSession, redis: Redis, secret: str
+) -> None:
+    """A request whose client gives up while its authorize script waits: writes wait while
+    the server is paused, so the script is sent, not yet run, when the handler is
+    cancelled; it runs (and reserves) about 0.4 s later."""
+    assert await call(gateway, http, "/c/header?cost=0", secret) == 200  # connected, warm
+    await redis.execute_command("CLIENT", "PAUSE", "400", "WRITE")
+    with contextlib.suppress(TimeoutError):
+        async with http.get(
+            f"{gateway.url}/c/header?cost=0.5",
+            headers=bearer(secret),
+            timeout=aiohttp.ClientTimeout(total=0.15),
+        ) as r:
+            await r.read()
+    await asyncio.sleep(0.05)  # the handler has been cancelled
+
+
 async def test_a_client_gone_while_its_authorization_runs_gets_its_reservation_back(
     cost_gateway: Gateway, make_key: MakeKey, http: aiohttp.ClientSession,
     redis: Redis, key_prefix: str,
 ) -> None:
     issued = await make_key(limit_micro=1_000_000)
     usage = Usage(redis, key_prefix, issued.record.id)
-    assert await call(cost_gateway, http, "/c/header?cost=0", issued.secret) == 200  # warm
-    # Writes wait while the server is paused: the authorize script is sent, not yet run,
-    # when the client gives up; it runs (and reserves) after the request was cancelled.
-    await redis.execute_command("CLIENT", "PAUSE", "400", "WRITE")
-    try:
-        async with http.get(
-            f"{cost_gateway.url}/c/header?cost=0.5",
-            headers=bearer(issued.secret),
-            timeout=aiohttp.ClientTimeout(total=0.15),
-        ) as r:
-            await r.read()
-    except TimeoutError:
-        pass
+    await abandon_while_paused(cost_gateway, http, redis, issued.secret)
     await asyncio.sleep(0.6)  # the pause ends, the script runs, its late reply is handled
     await cost_gateway.proxy.settlements.drain()
     assert await usage.total() == 0
@@ -232,19 +239,8 @@ async def test_shutdown_waits_for_a_late_authorization_and_refunds_it(
 ) -> None:
     issued = await make_key(limit_micro=1_000_000)
     usage = Usage(redis, key_prefix, issued.record.id)
-    assert await call(cost_gateway, http, "/c/header?cost=0", issued.secret) == 200  # warm
-    await redis.execute_command("CLIENT", "PAUSE", "400", "WRITE")
-    try:
-        async with http.get(
-            f"{cost_gateway.url}/c/header?cost=0.5",
-            headers=bearer(issued.secret),
-            timeout=aiohttp.ClientTimeout(total=0.15),
-        ) as r:
-            await r.read()
-    except TimeoutError:
-        pass
-    await asyncio.sleep(0.05)  # the handler is cancelled; its script has not run yet
-    assert await usage.uses() == 1  # not run yet
+    await abandon_while_paused(cost_gateway, http, redis, issued.secret)
+    assert await usage.uses() == 1  # the abandoned script has not run yet
     await cost_gateway.proxy.close()  # returns once the late reply's refund is written
     assert await usage.uses() == 2  # the abandoned authorization ran before close returned
     assert await usage.total() == 0  # and what it reserved came back
