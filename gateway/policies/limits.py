@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.config.model import CostRule, Route
+from gateway.config.model import Route
 from gateway.proxy.cost import CostMeter, meter_factory
 from gateway.proxy.headers import response_skip
 from gateway.store.record import MICRO
@@ -25,7 +25,6 @@ class RoutePolicy:
     rate_period_ms: str
     charge_failed: bool
     names_resource: bool  # the route has a resource rule (checked against allow-lists)
-    cost: CostRule | None
     new_meter: Callable[[], CostMeter] | None  # a fresh cost meter per response
     response_skip: frozenset[str]  # response headers the client never sees (cost header)
 
@@ -44,7 +43,6 @@ class RoutePolicy:
             rate_period_ms="" if rate is None else str(round(rate.period_seconds * 1000)),
             charge_failed=route.charge_failed,
             names_resource=route.resource is not None,
-            cost=route.cost,
             new_meter=None if route.cost is None else meter_factory(route.cost),
             response_skip=response_skip(route.cost.header if route.cost else None),
         )

@@ -26,6 +26,7 @@ from gateway.usage.periods import DAY_MS, ClockOverride, day_hint, server_clock
 
 AUTHORIZE = LuaScript.from_source(script_source("authorize"))
 SETTLE = LuaScript.from_source(script_source("settle"))
+REPORT = LuaScript.from_source(script_source("report"))
 
 
 class RateState(NamedTuple):
@@ -167,14 +168,32 @@ class KeyAuthorizer:
                 return decision
             # Revoked, or its secret re-imported under a new id: look the hash up afresh.
             self.cache.forget(digest)
-        found = await self.redis.execute("GET", self.names.by_hash(digest))
-        if found is None:
+        key_id = await self._lookup(digest)
+        if key_id is None:
             return NOT_FOUND
-        key_id = _text(found)
         decision = await self._decide(key_id, policy, args)
         if decision is not NOT_FOUND:
             self.cache.put(digest, key_id)
         return decision
+
+    async def report(self, secret: str) -> list[Any] | None:
+        """report.lua's reply for the key a presented secret belongs to (the hash checked
+        in the script), or None for an unknown secret. Charges nothing, limits nothing."""
+        digest = hashlib.sha256(secret.encode()).hexdigest()
+        key_id = self.cache.get(digest) or await self._lookup(digest)
+        if key_id is None:
+            return None
+        names = self.names
+        reply: list[Any] = await self.redis.evalsha(
+            REPORT,
+            (names.record(key_id), names.usage(key_id, ""), names.rate(key_id)),
+            (digest, self.clock()),
+        )
+        return None if _text(reply[0]) == "not_found" else reply
+
+    async def _lookup(self, digest: str) -> str | None:
+        found = await self.redis.execute("GET", self.names.by_hash(digest))
+        return None if found is None else _text(found)
 
     async def _decide(self, key_id: str, policy: RoutePolicy, args: tuple[Any, ...]) -> Decision:
         names = self.names

@@ -7,7 +7,6 @@ charged, and it never shows a secret.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import TYPE_CHECKING
 
@@ -18,15 +17,12 @@ from gateway.credentials import extract
 from gateway.errors import Outcome, problem
 from gateway.proxy.headers import REQUEST_ID
 from gateway.proxy.steps import KEY_DENIALS
-from gateway.store.multiplex import LuaScript
-from gateway.store.scripts import script_source
 from gateway.usage.report import UsageReport
 
 if TYPE_CHECKING:
     from gateway.proxy.service import Proxy
 
 PATH = "/v1/key"
-REPORT = LuaScript.from_source(script_source("report"))
 
 
 def is_own_key_request(request: web.BaseRequest) -> bool:
@@ -46,23 +42,12 @@ async def _answer(proxy: Proxy, request: web.BaseRequest) -> web.Response:
     found = extract(request.headers, query, keys.sources, keys.query_param)
     if found.secret is None:
         return problem(found.outcome, found.detail)
-    authorizer = proxy.authorizer
-    digest = hashlib.sha256(found.secret.encode()).hexdigest()
-    names = authorizer.names
     try:
-        key_id = authorizer.cache.get(digest)
-        if key_id is None:
-            raw_id = await authorizer.redis.execute("GET", names.by_hash(digest))
-            if raw_id is None:
-                return problem(*KEY_DENIALS["not_found"])
-            key_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-        reply = await authorizer.redis.evalsha(
-            REPORT,
-            (names.record(key_id), names.usage(key_id, ""), names.rate(key_id)),
-            (digest, authorizer.clock()),
-        )
+        reply = await proxy.authorizer.report(found.secret)
     except (RedisError, OSError):
         return problem(Outcome.STORE_ERROR, "the key store is unavailable; retry shortly")
+    if reply is None:
+        return problem(*KEY_DENIALS["not_found"])
     status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
     if status != "ok":
         return problem(*KEY_DENIALS[status])
