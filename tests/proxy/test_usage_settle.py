@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import aiohttp
+import pytest
 from redis.asyncio import Redis
 
-from gateway.store.keystore import KeyStore
+from gateway.store.keystore import Issued, KeyStore
 from tests.conftest import MakeKey, bearer
 from tests.proxy.conftest import Gateway
 
@@ -27,6 +29,20 @@ class Usage:
         return int(await self.redis.hget(f"{self.prefix}k:{{{self.key_id}}}", "total_uses") or 0)
 
 
+MeteredKey = Callable[..., Awaitable[tuple[Issued, "Usage"]]]
+
+
+@pytest.fixture
+def metered_key(make_key: MakeKey, redis: Redis, key_prefix: str) -> MeteredKey:
+    """``issued, usage = await metered_key(**values)``: a key and its usage in Redis."""
+
+    async def make(**values: object) -> tuple[Issued, Usage]:
+        issued = await make_key(**values)
+        return issued, Usage(redis, key_prefix, issued.record.id)
+
+    return make
+
+
 async def call(gateway: Gateway, http: aiohttp.ClientSession, path: str, secret: str) -> int:
     async with http.get(f"{gateway.url}{path}", headers=bearer(secret)) as r:
         await r.read()
@@ -36,11 +52,11 @@ async def call(gateway: Gateway, http: aiohttp.ClientSession, path: str, secret:
 
 
 async def test_header_cost_replaces_the_reservation_and_is_hidden_from_the_client(
-    cost_gateway: Gateway, make_key: MakeKey, http: aiohttp.ClientSession,
-    redis: Redis, key_prefix: str,
+    cost_gateway: Gateway,
+    metered_key: MeteredKey,
+    http: aiohttp.ClientSession,
 ) -> None:
-    issued = await make_key()
-    usage = Usage(redis, key_prefix, issued.record.id)
+    issued, usage = await metered_key()
     async with http.get(
         f"{cost_gateway.url}/c/header?cost=0.37", headers=bearer(issued.secret)
     ) as r:
@@ -54,11 +70,11 @@ async def test_header_cost_replaces_the_reservation_and_is_hidden_from_the_clien
 
 
 async def test_a_response_that_does_not_state_its_cost_is_charged_the_reservation(
-    cost_gateway: Gateway, make_key: MakeKey, http: aiohttp.ClientSession,
-    redis: Redis, key_prefix: str,
+    cost_gateway: Gateway,
+    metered_key: MeteredKey,
+    http: aiohttp.ClientSession,
 ) -> None:
-    issued = await make_key()
-    usage = Usage(redis, key_prefix, issued.record.id)
+    issued, usage = await metered_key()
     assert await call(cost_gateway, http, "/c/header", issued.secret) == 200
     assert await usage.total() == 1_000_000  # reserve: 1.0
     assert await call(cost_gateway, http, "/c/header?cost=abc", issued.secret) == 200
@@ -69,11 +85,11 @@ async def test_a_response_that_does_not_state_its_cost_is_charged_the_reservatio
 
 
 async def test_json_body_and_last_sse_event_costs_with_per_unit(
-    cost_gateway: Gateway, make_key: MakeKey, http: aiohttp.ClientSession,
-    redis: Redis, key_prefix: str,
+    cost_gateway: Gateway,
+    metered_key: MeteredKey,
+    http: aiohttp.ClientSession,
 ) -> None:
-    issued = await make_key()
-    usage = Usage(redis, key_prefix, issued.record.id)
+    issued, usage = await metered_key()
     assert await call(cost_gateway, http, "/c/json?tokens=123", issued.secret) == 200
     assert await usage.total() == 123_000
     async with http.get(
@@ -89,11 +105,11 @@ async def test_json_body_and_last_sse_event_costs_with_per_unit(
 
 
 async def test_upstream_failures_are_refunded(
-    cost_gateway: Gateway, make_key: MakeKey, http: aiohttp.ClientSession,
-    redis: Redis, key_prefix: str,
+    cost_gateway: Gateway,
+    metered_key: MeteredKey,
+    http: aiohttp.ClientSession,
 ) -> None:
-    issued = await make_key()
-    usage = Usage(redis, key_prefix, issued.record.id)
+    issued, usage = await metered_key()
     assert await call(cost_gateway, http, "/c/header?cost=0.5&status=503", issued.secret) == 503
     assert await call(cost_gateway, http, "/c/dead_fixed", issued.secret) == 502
     assert await usage.total() == 0
@@ -104,21 +120,21 @@ async def test_upstream_failures_are_refunded(
 
 
 async def test_charge_failed_routes_charge_even_a_failed_upstream(
-    cost_gateway: Gateway, make_key: MakeKey, http: aiohttp.ClientSession,
-    redis: Redis, key_prefix: str,
+    cost_gateway: Gateway,
+    metered_key: MeteredKey,
+    http: aiohttp.ClientSession,
 ) -> None:
-    issued = await make_key()
-    usage = Usage(redis, key_prefix, issued.record.id)
+    issued, usage = await metered_key()
     assert await call(cost_gateway, http, "/c/charged?status=500", issued.secret) == 500
     assert await usage.total() == 500_000
 
 
 async def test_a_client_gone_before_the_first_byte_is_refunded(
-    cost_gateway: Gateway, make_key: MakeKey, http: aiohttp.ClientSession,
-    redis: Redis, key_prefix: str,
+    cost_gateway: Gateway,
+    metered_key: MeteredKey,
+    http: aiohttp.ClientSession,
 ) -> None:
-    issued = await make_key(limit_micro=1_000_000)
-    usage = Usage(redis, key_prefix, issued.record.id)
+    issued, usage = await metered_key(limit_micro=1_000_000)
     try:
         async with http.get(
             f"{cost_gateway.url}/c/header?cost=0.5&delay=1",
@@ -136,11 +152,12 @@ async def test_a_client_gone_before_the_first_byte_is_refunded(
 
 
 async def test_byok_usage_is_counted_apart_and_against_the_limit_only_when_included(
-    cost_gateway: Gateway, make_key: MakeKey, store: KeyStore, http: aiohttp.ClientSession,
-    redis: Redis, key_prefix: str,
+    cost_gateway: Gateway,
+    metered_key: MeteredKey,
+    store: KeyStore,
+    http: aiohttp.ClientSession,
 ) -> None:
-    issued = await make_key(limit_micro=100_000, limit_reset="daily")
-    usage = Usage(redis, key_prefix, issued.record.id)
+    issued, usage = await metered_key(limit_micro=100_000, limit_reset="daily")
     for _ in range(2):  # BYOK spend is not limited by default
         assert await call(cost_gateway, http, "/c/byok?cost=0.4", issued.secret) == 200
     assert await usage.total(byok=True) == 800_000
@@ -156,8 +173,12 @@ async def test_byok_usage_is_counted_apart_and_against_the_limit_only_when_inclu
 
 
 async def test_a_key_revoked_mid_request_is_not_recreated_by_its_settlement(
-    cost_gateway: Gateway, make_key: MakeKey, store: KeyStore, http: aiohttp.ClientSession,
-    redis: Redis, key_prefix: str,
+    cost_gateway: Gateway,
+    make_key: MakeKey,
+    store: KeyStore,
+    http: aiohttp.ClientSession,
+    redis: Redis,
+    key_prefix: str,
 ) -> None:
     issued = await make_key()
     request = asyncio.ensure_future(
@@ -171,11 +192,12 @@ async def test_a_key_revoked_mid_request_is_not_recreated_by_its_settlement(
 
 
 async def test_a_settlement_survives_the_server_losing_its_scripts(
-    cost_gateway: Gateway, make_key: MakeKey, http: aiohttp.ClientSession,
-    redis: Redis, key_prefix: str,
+    cost_gateway: Gateway,
+    metered_key: MeteredKey,
+    http: aiohttp.ClientSession,
+    redis: Redis,
 ) -> None:
-    issued = await make_key()
-    usage = Usage(redis, key_prefix, issued.record.id)
+    issued, usage = await metered_key()
     assert await call(cost_gateway, http, "/c/header?cost=0.25", issued.secret) == 200
     await redis.script_flush()  # as after a restart without persistence of the script cache
     assert await call(cost_gateway, http, "/c/header?cost=0.5", issued.secret) == 200
@@ -184,11 +206,12 @@ async def test_a_settlement_survives_the_server_losing_its_scripts(
 
 
 async def test_a_settlement_waits_for_a_connection_when_none_is_open(
-    cost_gateway: Gateway, make_key: MakeKey, http: aiohttp.ClientSession,
-    redis: Redis, key_prefix: str,
+    cost_gateway: Gateway,
+    metered_key: MeteredKey,
+    http: aiohttp.ClientSession,
+    redis: Redis,
 ) -> None:
-    issued = await make_key()
-    usage = Usage(redis, key_prefix, issued.record.id)
+    issued, usage = await metered_key()
     assert await call(cost_gateway, http, "/c/header?cost=0.25&delay=0.3", issued.secret) == 200
     request = asyncio.ensure_future(
         call(cost_gateway, http, "/c/header?cost=0.5&delay=0.3", issued.secret)
@@ -220,11 +243,12 @@ async def abandon_while_paused(
 
 
 async def test_a_client_gone_while_its_authorization_runs_gets_its_reservation_back(
-    cost_gateway: Gateway, make_key: MakeKey, http: aiohttp.ClientSession,
-    redis: Redis, key_prefix: str,
+    cost_gateway: Gateway,
+    metered_key: MeteredKey,
+    http: aiohttp.ClientSession,
+    redis: Redis,
 ) -> None:
-    issued = await make_key(limit_micro=1_000_000)
-    usage = Usage(redis, key_prefix, issued.record.id)
+    issued, usage = await metered_key(limit_micro=1_000_000)
     await abandon_while_paused(cost_gateway, http, redis, issued.secret)
     await asyncio.sleep(0.6)  # the pause ends, the script runs, its late reply is handled
     await cost_gateway.proxy.settlements.drain()
@@ -234,11 +258,12 @@ async def test_a_client_gone_while_its_authorization_runs_gets_its_reservation_b
 
 
 async def test_shutdown_waits_for_a_late_authorization_and_refunds_it(
-    cost_gateway: Gateway, make_key: MakeKey, http: aiohttp.ClientSession,
-    redis: Redis, key_prefix: str,
+    cost_gateway: Gateway,
+    metered_key: MeteredKey,
+    http: aiohttp.ClientSession,
+    redis: Redis,
 ) -> None:
-    issued = await make_key(limit_micro=1_000_000)
-    usage = Usage(redis, key_prefix, issued.record.id)
+    issued, usage = await metered_key(limit_micro=1_000_000)
     await abandon_while_paused(cost_gateway, http, redis, issued.secret)
     assert await usage.uses() == 1  # the abandoned script has not run yet
     await cost_gateway.proxy.close()  # returns once the late reply's refund is written
