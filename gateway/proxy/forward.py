@@ -17,6 +17,7 @@ from gateway.proxy.context import RequestContext
 from gateway.proxy.headers import client_response_headers, upstream_request_headers
 from gateway.proxy.paths import encode
 from gateway.proxy.steps import deny
+from gateway.proxy.upstream_http import Body, UpstreamClosed, UpstreamError
 
 if TYPE_CHECKING:
     from gateway.proxy.cost import CostMeter
@@ -26,24 +27,27 @@ log = logging.getLogger("keygate.proxy")
 CHUNK = 65_536
 
 
-def upstream_url(ctx: RequestContext, hide_query: str | None) -> URL:
+def upstream_target(ctx: RequestContext, hide_query: str | None) -> str:
+    """The path and query to send upstream (encoded), after the upstream URL's own path."""
     assert ctx.match is not None
-    upstream = ctx.match.upstream
     if hide_query is None and ctx.path_is_raw and ctx.match.upstream_path is ctx.path:
-        return URL(upstream.url + ctx.request.raw_path, encoded=True)  # nothing to re-encode
+        return ctx.request.raw_path  # nothing to re-encode
     query = ctx.request.query
     if hide_query is not None and hide_query in query:
         kept = MultiDict((k, v) for k, v in query.items() if k != hide_query)
         raw_query = URL.build(query=kept).raw_query_string
     else:
         raw_query = ctx.request.raw_path.partition("?")[2]
-    target = ctx.match.upstream.url + encode(ctx.match.upstream_path)
-    return URL(target + ("?" + raw_query if raw_query else ""), encoded=True)
+    target = encode(ctx.match.upstream_path)
+    return target + ("?" + raw_query if raw_query else "")
 
 
-async def forward(
-    proxy: Proxy, ctx: RequestContext, meter: CostMeter | None
-) -> web.StreamResponse:
+def upstream_url(ctx: RequestContext, hide_query: str | None) -> URL:
+    assert ctx.match is not None
+    return URL(ctx.match.upstream.url + upstream_target(ctx, hide_query), encoded=True)
+
+
+async def forward(proxy: Proxy, ctx: RequestContext, meter: CostMeter | None) -> web.StreamResponse:
     """Send the request upstream and stream the answer back; 502/504 problems on failure.
 
     ``meter`` sees the response's headers and (only if it needs them) its chunks, each
@@ -62,18 +66,19 @@ async def forward(
     exchange = proxy.deadlines.start(
         upstream_settings.timeouts.read, upstream_settings.timeouts.total
     )
+    data: Body
     if ctx.body is not None:
-        data: object = ctx.body
+        data = ctx.body
     elif request.body_exists:  # streamed, never buffered whole
         data = exchange.while_sending(request.content.iter_chunked(CHUNK))
     else:
         data = None
-    url = upstream_url(ctx, proxy.settings.keys.query_param if ctx.credential_in_query else None)
-    session = proxy.sessions[upstream_settings.name]
+    hide_query = proxy.settings.keys.query_param if ctx.credential_in_query else None
+    pool = proxy.pools[upstream_settings.name]
     response: web.StreamResponse | None = None
     try:
-        async with session.request(
-            request.method, url, headers=headers, data=data, allow_redirects=False
+        async with pool.request(
+            request.method, pool.base_path + upstream_target(ctx, hide_query), headers, data
         ) as upstream:
             exchange.touch()
             ctx.upstream_status = upstream.status
@@ -92,7 +97,7 @@ async def forward(
             await response.prepare(request)
             ctx.responded = True
             exchange.touch()
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.iter_any():
                 exchange.pause()
                 await response.write(chunk)  # each chunk as it comes: SSE stays live
                 if feed is not None:
@@ -108,19 +113,23 @@ async def forward(
         if response is None:
             return deny(ctx, Outcome.UPSTREAM_TIMEOUT, "the upstream did not answer in time")
         ctx.outcome = Outcome.UPSTREAM_TIMEOUT
-    except TimeoutError:  # the connect timeout, which aiohttp still enforces
+    except TimeoutError:  # connecting took longer than timeouts.connect
         if response is None:
             return deny(ctx, Outcome.UPSTREAM_TIMEOUT, "the upstream did not answer in time")
         ctx.outcome = Outcome.UPSTREAM_TIMEOUT
-    except (aiohttp.ClientConnectionResetError, ConnectionResetError):
-        if response is None:  # the upstream reset before answering
+    except UpstreamClosed:
+        if response is None:  # the upstream closed or reset before answering
             return deny(ctx, Outcome.UPSTREAM_ERROR, "the upstream closed the connection")
-        ctx.outcome = Outcome.UPSTREAM_ERROR  # usually the client left mid-stream
-    except aiohttp.ClientError as exc:
+        ctx.outcome = Outcome.UPSTREAM_ERROR  # cut off mid-body
+    except UpstreamError as exc:
         if response is None:
-            log.info("upstream %s failed: %s", upstream_settings.name, type(exc).__name__)
+            log.info("upstream %s failed: %s", upstream_settings.name, exc)
             return deny(ctx, Outcome.UPSTREAM_ERROR, "the upstream could not be reached")
         ctx.outcome = Outcome.UPSTREAM_ERROR
+    except (aiohttp.ClientConnectionResetError, ConnectionResetError):
+        if response is None:
+            return deny(ctx, Outcome.UPSTREAM_ERROR, "the upstream closed the connection")
+        ctx.outcome = Outcome.UPSTREAM_ERROR  # usually the client left mid-stream
     finally:
         proxy.deadlines.finish(exchange)
     # Failed mid-stream: the status line is gone, so cut the connection rather than end the

@@ -24,6 +24,7 @@ from gateway.proxy.own_key import is_own_key_request, own_key
 from gateway.proxy.routing import Router
 from gateway.proxy.settle import Settlements
 from gateway.proxy.steps import Step
+from gateway.proxy.upstream_http import UpstreamPool
 from gateway.proxy.websocket import is_upgrade, proxy_websocket
 
 log = logging.getLogger("keygate.proxy")
@@ -75,7 +76,11 @@ class Proxy:
         self.policies = {route.name: RoutePolicy.of(route) for route in settings.routes}
         self.authorizer = authorizer
         self.chain = tuple(chain)
-        self.sessions: dict[str, aiohttp.ClientSession] = {}
+        self.sessions: dict[str, aiohttp.ClientSession] = {}  # WebSocket routes
+        self.pools = {
+            name: UpstreamPool(u.url, u.pool_size, u.timeouts.connect)
+            for name, u in settings.upstreams.items()
+        }
         self.deadlines = Deadlines()
         self.stats = ProxyStats()
         self.settlements = Settlements(authorizer)
@@ -93,6 +98,8 @@ class Proxy:
         await self.settlements.drain()
         for session in self.sessions.values():
             await session.close()
+        for pool in self.pools.values():
+            await pool.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         ctx = RequestContext(request, request_id(request.headers.get(REQUEST_ID)))

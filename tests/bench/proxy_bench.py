@@ -799,10 +799,10 @@ def py_spy_binary() -> str | None:
     return str(beside) if beside.is_file() else shutil.which("py-spy")
 
 
-def profile_keygate(
-    keygate: Keygate, procs: Processes, root: Path, connections: int, duration: float, threads: int
+def profile_target(
+    target: Target, procs: Processes, root: Path, connections: int, duration: float, threads: int
 ) -> None:
-    """py-spy on this keygate's process during one more wrk run against it."""
+    """py-spy on this Python proxy's process during one more wrk run against it."""
     binary = py_spy_binary()
     if binary is None:
         print(
@@ -812,22 +812,23 @@ def profile_keygate(
         return
     out = root / "py-spy.txt"
     seconds = int(duration) + 2  # the whole wrk run; idle samples are not recorded anyway
-    argv = [binary, "record", "--pid", str(keygate.started.process.pid), "--duration", str(seconds)]
+    pid = next(s.process.pid for s in procs.started if s.name == target.name)
+    argv = [binary, "record", "--pid", str(pid), "--duration", str(seconds)]
     argv += ["--rate", str(PROFILE_RATE), "--format", "raw", "--nolineno", "--output", str(out)]
     spy = procs.start("py-spy", argv)
     time.sleep(1.0)  # let it attach before the load starts
     if spy.process.poll() is not None:
         raise BenchError(f"py-spy exited at start:\n{_tail(spy.log)}")
-    result = run_wrk(keygate.target, connections, duration, threads, procs)
+    result = run_wrk(target, connections, duration, threads, procs)
     code = procs.wait(spy, timeout=seconds + 60)
     if code != 0 or not out.is_file():
         raise BenchError(f"py-spy exited with {code}:\n{_tail(spy.log)}")
     print(
-        f"\n### py-spy: {keygate.target.name} during one wrk run at {connections} connections "
+        f"\n### py-spy: {target.name} during one wrk run at {connections} connections "
         f"for {duration:g}s ({result.rps:,.0f} req/s while sampled at {PROFILE_RATE} Hz)\n"
     )
     print(own_time_report(out.read_text()))
-    kept = Path(tempfile.gettempdir()) / f"keygate-py-spy-{keygate.target.name}.txt"
+    kept = Path(tempfile.gettempdir()) / f"keygate-py-spy-{target.name}.txt"
     shutil.copyfile(out, kept)  # the run's directory goes; the raw stacks stay for a look
     print(f"\n(raw collapsed stacks: {kept})")
 
@@ -936,9 +937,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", action="store_true", help="then profile keygate with py-spy")
     parser.add_argument(
         "--profile-target",
-        choices=KEYGATES,
+        choices=("bare", *KEYGATES),
         default="keygate",
-        help="which keygate --profile samples (default keygate)",
+        help="which Python proxy --profile samples (default keygate)",
     )
     parser.add_argument(
         "--profile-duration", type=float, default=10, help="seconds of the profiled run (10)"
@@ -1092,8 +1093,9 @@ def _bench(args: argparse.Namespace, procs: Processes, root: Path, redis_url: st
         for line in usage_lines:
             print(line)
     if args.profile:
-        profiled = next(k for k in keygates if k.target.name == args.profile_target)
-        profile_keygate(profiled, procs, root, high, args.profile_duration, args.threads)
+        profile_target(
+            by_name[args.profile_target], procs, root, high, args.profile_duration, args.threads
+        )
     if not usage_ok:
         raise BenchError("keygate+limits' recorded usage is wrong (see the report above)")
     return 0
