@@ -104,12 +104,21 @@ class HeaderMeter(CostMeter):
     def result(self) -> int | None:
         values = self._values
         if len(values) == 1 and self._per_unit == 1:
-            # The common case, a plain amount of credits: exact in integers, no Decimal.
-            plain = _PLAIN.fullmatch(values[0])
-            if plain is not None:
-                whole, fraction = plain.groups()
-                return int(whole) * MICRO + int((fraction or "").ljust(6, "0"))
+            micro = _plain_micro(values[0])
+            if micro is not None:
+                return micro
         return self._settle(_header_number(self._name, values), self._name)
+
+
+@functools.lru_cache(maxsize=1024)  # an upstream's prices repeat: parsed once each
+def _plain_micro(text: str) -> int | None:
+    """A plain amount of credits (the common case) in micro-units, exact in integers with
+    no Decimal; None for anything else."""
+    plain = _PLAIN.fullmatch(text)
+    if plain is None:
+        return None
+    whole, fraction = plain.groups()
+    return int(whole) * MICRO + int((fraction or "").ljust(6, "0"))
 
 
 class JsonMeter(CostMeter):

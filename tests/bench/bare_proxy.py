@@ -1,4 +1,4 @@
-"""A bare aiohttp pass-through proxy: the floor for any Python proxy in the benchmark.
+"""A bare aiohttp pass-through proxy: the reference for a Python proxy in the benchmark.
 
 What an honest minimal aiohttp reverse proxy does and nothing more: aiohttp's low-level
 server (no router, no middleware, no access log) on uvloop, one shared ``ClientSession``

@@ -5,11 +5,11 @@ One command starts everything on loopback, checks every target answers correctly
 runs wrk against each target in turn, round after round (the order rotates each round so
 that drift on the machine hits every target alike), and prints a Markdown table of the
 medians over rounds with each target's requests/s as a ratio to the bare aiohttp proxy
-(the floor for any Python proxy), plus keygate's standing against its targets (issue 3):
+(what an honest minimal aiohttp proxy does), plus keygate's standing against its targets:
 
     python -m tests.bench.proxy_bench [--rounds 6] [--duration 5] [--connections 8,64]
                                       [--threads 1] [--targets ...] [--profile]
-                                      [--profile-target keygate|keygate+limits]
+                                      [--profile-target keygate|keygate+limits|bare]
 
 Targets, each its own process:
 
@@ -29,8 +29,8 @@ Targets, each its own process:
 A run fails (exit 1) if a pre-flight check fails, if wrk reports any non-2xx response or
 socket error, if a server process dies, or if keygate+limits' recorded usage is not
 exactly 0.0005 per admitted request at the end. ``--profile`` then runs keygate (or
-``--profile-target keygate+limits``) under ``py-spy record`` during one more wrk run at the
-largest connection count and prints the functions with the most own time. Every process
+``--profile-target keygate+limits`` or ``bare``) under ``py-spy record`` during one more
+wrk run at the largest connection count and prints the functions with the most own time. Every process
 started is stopped by its pid at the end, also on Ctrl-C. See tests/bench/README.md for
 how to read the numbers.
 """
