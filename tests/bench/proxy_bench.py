@@ -30,9 +30,9 @@ A run fails (exit 1) if a pre-flight check fails, if wrk reports any non-2xx res
 socket error, if a server process dies, or if keygate+limits' recorded usage is not
 exactly 0.0005 per admitted request at the end. ``--profile`` then runs keygate (or
 ``--profile-target keygate+limits`` or ``bare``) under ``py-spy record`` during one more
-wrk run at the largest connection count and prints the functions with the most own time. Every process
-started is stopped by its pid at the end, also on Ctrl-C. See tests/bench/README.md for
-how to read the numbers.
+wrk run at the largest connection count and prints the functions with the most own time.
+Every process started is stopped by its pid at the end, also on Ctrl-C. See
+tests/bench/README.md for how to read the numbers.
 """
 
 from __future__ import annotations
