@@ -83,7 +83,6 @@ class _Connection(asyncio.Protocol):
         self.error: UpstreamError | None = None
         self._wake: asyncio.Future[None] | None = None
         self._paused = False
-        self._eof_ends_body = False
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -107,7 +106,12 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.header_ready.done() and self._eof_ends_body and not self.complete:
+        if (
+            not self.complete
+            and self.error is None
+            and self.header_ready.done()
+            and self._unframed()
+        ):
             self.complete = True  # an answer without framing ends when the connection does
             self._wake_reader()
         elif not self.complete:
@@ -116,6 +120,13 @@ class _Connection(asyncio.Protocol):
             self._can_write.set_exception(UpstreamClosed("the upstream closed the connection"))
             self._can_write.exception()  # retrieved: the writer may be gone
         self._pool._forget(self)
+
+    def _unframed(self) -> bool:
+        """The answer has neither Content-Length nor Transfer-Encoding: its body ends where
+        the connection does (HTTP/1.0 style)."""
+        return not any(
+            name.lower() in ("content-length", "transfer-encoding") for name, _ in self._headers
+        )
 
     def pause_writing(self) -> None:
         if self._can_write is None or self._can_write.done():
@@ -142,9 +153,6 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200:
             return  # interim (100 Continue, 103 Early Hints): the answer follows
         self.status = status
-        self._eof_ends_body = not self.head and not any(
-            name.lower() in ("content-length", "transfer-encoding") for name, _ in self._headers
-        )
         if self.head:  # llhttp would wait for the body Content-Length announces
             self.complete = True
             self.keep_alive = False  # and its parser state is unknown: never reused
