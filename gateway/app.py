@@ -9,6 +9,7 @@ from gateway.proxy import steps
 from gateway.proxy.authorize import KeyAuthorizer
 from gateway.proxy.service import Proxy
 from gateway.proxy.steps import Step
+from gateway.store.keystore import KeyStore
 from gateway.store.multiplex import RedisMultiplexer
 from gateway.store.names import KeyNames
 from gateway.usage.periods import ClockOverride, server_clock
@@ -25,10 +26,14 @@ PROXY_CHAIN: tuple[Step, ...] = (
 
 
 def build_proxy(
-    settings: Settings, redis: RedisMultiplexer, clock: ClockOverride = server_clock
+    settings: Settings,
+    redis: RedisMultiplexer,
+    clock: ClockOverride = server_clock,
+    store: KeyStore | None = None,
 ) -> Proxy:
     """The proxy with its chain, authorizing keys over ``redis``; ``clock`` is for tests of
-    period rollover (the scripts use the Redis server's TIME otherwise)."""
+    period rollover (the scripts use the Redis server's TIME otherwise); ``store`` serves
+    the listing dialects."""
     authorizer = KeyAuthorizer(
         redis,
         KeyNames(settings.redis.key_prefix),
@@ -36,7 +41,7 @@ def build_proxy(
         settings.keys.secret_prefix,
         clock,
     )
-    return Proxy(settings, authorizer, PROXY_CHAIN)
+    return Proxy(settings, authorizer, PROXY_CHAIN, store)
 
 
 def proxy_server(proxy: Proxy) -> web.Server:

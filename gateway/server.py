@@ -34,7 +34,7 @@ async def serve(
             connect_timeout=settings.redis.connect_timeout,
             socket_timeout=settings.redis.socket_timeout,
         )
-        proxy = build_proxy(settings, multiplexer)
+        proxy = build_proxy(settings, multiplexer, store=store)
         await proxy.start()
         proxy_runner = web.ServerRunner(proxy_server(proxy), handle_signals=False)
         admin_runner = web.AppRunner(

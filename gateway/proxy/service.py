@@ -13,6 +13,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.config.model import Settings, Upstream
+from gateway.dialects import mount as dialects
+from gateway.dialects.mount import DialectRouter, registry
 from gateway.policies import ratelimit
 from gateway.policies.limits import RoutePolicy
 from gateway.proxy.authorize import KeyAuthorizer
@@ -26,6 +28,7 @@ from gateway.proxy.settle import Settlements
 from gateway.proxy.steps import Step
 from gateway.proxy.upstream_http import UpstreamPool
 from gateway.proxy.websocket import is_upgrade, proxy_websocket
+from gateway.store.keystore import KeyStore
 
 log = logging.getLogger("keygate.proxy")
 
@@ -69,9 +72,16 @@ def upstream_session(upstream: Upstream) -> aiohttp.ClientSession:
 
 class Proxy:
     def __init__(
-        self, settings: Settings, authorizer: KeyAuthorizer, chain: Sequence[Step]
+        self,
+        settings: Settings,
+        authorizer: KeyAuthorizer,
+        chain: Sequence[Step],
+        store: KeyStore | None = None,
     ) -> None:
         self.settings = settings
+        # The listing dialects (DESIGN §9) need the key store; without one none is mounted.
+        self.store = store
+        self.dialects = DialectRouter(settings, registry() if store is not None else {})
         self.router = Router(settings.routes, settings.upstreams)
         self.policies = {route.name: RoutePolicy.of(route) for route in settings.routes}
         self.authorizer = authorizer
@@ -105,6 +115,11 @@ class Proxy:
         ctx = RequestContext(request, request_id(request.headers.get(REQUEST_ID)))
         if is_own_key_request(request):
             return await own_key(self, request, ctx.request_id)
+        if self.dialects and (found := self.dialects.match(request.raw_path)) is not None:
+            assert self.store is not None
+            response = await dialects.serve(found, request, self.store, self.settings)
+            response.headers[REQUEST_ID] = ctx.request_id
+            return response
         for step in self.chain:
             response = await step(self, ctx)
             if response is not None:

@@ -35,6 +35,7 @@ from gateway.config.load import build
 from gateway.config.model import Settings
 from gateway.demo.upstream import build_upstream_app
 from gateway.proxy.service import Proxy
+from gateway.store.keystore import KeyStore
 from gateway.store.multiplex import RedisMultiplexer
 from gateway.store.secrets import BASE62
 from gateway.usage.periods import ClockOverride, server_clock
@@ -231,7 +232,7 @@ StartGateway = Callable[..., Awaitable[Gateway]]
 
 @pytest.fixture
 async def start_gateway(
-    redis_url: str, key_prefix: str, upstream: Upstream, tmp_path: Path
+    redis_url: str, key_prefix: str, upstream: Upstream, tmp_path: Path, store: KeyStore
 ) -> AsyncIterator[StartGateway]:
     """``await start_gateway(keys=..., redis=..., routes=[...], upstreams={...}, clock=...)``.
 
@@ -247,6 +248,7 @@ async def start_gateway(
         routes: list[dict[str, Any]] | None = None,
         upstreams: dict[str, Any] | None = None,
         clock: ClockOverride = server_clock,
+        dialects: dict[str, Any] | None = None,
     ) -> Gateway:
         raw = {
             "redis": {
@@ -267,6 +269,7 @@ async def start_gateway(
                 **(upstreams or {}),
             },
             "routes": [*(routes or []), *ROUTES],
+            "dialects": dialects or {},
         }
         settings = build(raw, tmp_path)
         mux = RedisMultiplexer(
@@ -274,7 +277,7 @@ async def start_gateway(
             connect_timeout=settings.redis.connect_timeout,
             socket_timeout=settings.redis.socket_timeout,
         )
-        proxy = build_proxy(settings, mux, clock)
+        proxy = build_proxy(settings, mux, clock, store)
         await proxy.start()
         runner = web.ServerRunner(proxy_server(proxy), shutdown_timeout=0.5)
         await runner.setup()

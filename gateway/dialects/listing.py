@@ -1,0 +1,57 @@
+"""Reading keys for the dialects: whole listings and offset windows over the store's
+creation-ordered index (KeyStore.list pages by cursor, so each read here is consistent
+however keys are created or revoked meanwhile)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gateway.store.record import KeyRecord
+
+if TYPE_CHECKING:
+    from gateway.store.keystore import KeyStore
+
+_BATCH = 1000  # keys read per store call
+
+
+async def all_keys(
+    store: KeyStore,
+    workspace_id: str,
+    *,
+    user_id: str | None = None,
+    include_disabled: bool = True,
+) -> list[KeyRecord]:
+    """Every key of a workspace (of one user, when given), oldest first."""
+    records: list[KeyRecord] = []
+    cursor: str | None = None
+    while True:
+        page = await store.list(
+            workspace_id=workspace_id,
+            user_id=user_id,
+            include_disabled=include_disabled,
+            limit=_BATCH,
+            cursor=cursor,
+        )
+        records.extend(page.records)
+        if page.next_cursor is None:
+            return records
+        cursor = page.next_cursor
+
+
+async def window(
+    store: KeyStore,
+    workspace_id: str,
+    *,
+    offset: int,
+    limit: int,
+    user_id: str | None = None,
+    include_disabled: bool = True,
+) -> tuple[list[KeyRecord], int]:
+    """Keys ``offset`` to ``offset + limit`` (oldest first) and how many there are in all.
+
+    New keys sort after every existing one, so creating keys never moves an earlier page.
+    """
+    records = await all_keys(
+        store, workspace_id, user_id=user_id, include_disabled=include_disabled
+    )
+    return records[offset : offset + limit], len(records)
