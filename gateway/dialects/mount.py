@@ -55,7 +55,7 @@ class DialectRouter:
     def _add(self, spec: DialectSpec, endpoint: Endpoint) -> None:
         parent, _, last = endpoint.path.rpartition("/")
         if last.startswith("{") and last.endswith("}"):
-            _, param, methods = self._by_parent.setdefault(parent, (spec, last[1:-1], {}))
+            _, _, methods = self._by_parent.setdefault(parent, (spec, last[1:-1], {}))
         else:
             _, methods = self._exact.setdefault(endpoint.path, (spec, {}))
         if endpoint.method in methods:

@@ -3,6 +3,7 @@ caller's account with ``x-api-key``, in the seed's field names and types."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import aiohttp
@@ -52,7 +53,7 @@ async def test_expired_keys_are_inactive(
 ) -> None:
     caller = await make_key(scopes=["apikeys:view"], workspace_id="ws-e")
     old = await make_key(workspace_id="ws-e", expires_at=int(time.time() * 1000) + 300)
-    time.sleep(0.4)
+    await asyncio.sleep(0.4)
     async with http.get(
         f"{gateway.url}/v1/api-keys", headers={"x-api-key": caller.secret or ""}
     ) as response:
