@@ -117,9 +117,9 @@ class Proxy:
             return await own_key(self, request, ctx.request_id)
         if self.dialects and (found := self.dialects.match(request.raw_path)) is not None:
             assert self.store is not None
-            response = await dialects.serve(found, request, self.store, self.settings)
-            response.headers[REQUEST_ID] = ctx.request_id
-            return response
+            answer = await dialects.serve(found, request, self.store, self.settings)
+            answer.headers[REQUEST_ID] = ctx.request_id
+            return answer
         for step in self.chain:
             response = await step(self, ctx)
             if response is not None:
