@@ -21,6 +21,7 @@ from gateway.credentials import extract
 from gateway.dialects.base import Call, DialectSpec, Endpoint
 from gateway.errors import Outcome
 from gateway.policies.scopes import grants
+from gateway.proxy.routing import Match, Router
 
 if TYPE_CHECKING:
     from gateway.store.keystore import KeyStore
@@ -62,6 +63,16 @@ class DialectRouter:
             raise ValueError(f"two dialect endpoints at {endpoint.method} {endpoint.path}")
         methods[endpoint.method] = endpoint
 
+    def shadowed(self, router: Router) -> list[str]:
+        """What the dialects take from configured routes: "METHOD /path (dialect, route)"
+        for each endpoint a route would otherwise forward (dialects are matched first)."""
+        found = []
+        for path, (spec, methods) in self._exact.items():
+            found += _shadowed(router, spec, path, methods)
+        for parent, (spec, param, methods) in self._by_parent.items():
+            found += _shadowed(router, spec, f"{parent}/{{{param}}}", methods)
+        return found
+
     def __bool__(self) -> bool:
         return bool(self._exact or self._by_parent)
 
@@ -77,6 +88,17 @@ class DialectRouter:
             spec, param, methods = templated
             return spec, methods, {param: last}
         return None
+
+
+def _shadowed(
+    router: Router, spec: DialectSpec, path: str, methods: Mapping[str, Endpoint]
+) -> list[str]:
+    lines = []
+    for method in methods:
+        match = router.match(path, method)
+        if isinstance(match, Match):
+            lines.append(f"{method} {path} ({spec.name}, route {match.route.name})")
+    return lines
 
 
 async def serve(
@@ -101,7 +123,7 @@ async def serve(
         return spec.error(503, Outcome.STORE_ERROR.value, "the key store is unavailable")
     if auth.status != "ok" or auth.record is None:
         return spec.error(401, Outcome.INVALID_KEY.value, "the API key is not valid")
-    if not grants(auth.record.scopes, endpoint.scope):
+    if endpoint.scope and not grants(auth.record.scopes, endpoint.scope):
         return spec.error(
             403, Outcome.FORBIDDEN_SCOPE.value, f"this needs the {endpoint.scope} scope"
         )

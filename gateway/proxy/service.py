@@ -79,10 +79,12 @@ class Proxy:
         store: KeyStore | None = None,
     ) -> None:
         self.settings = settings
+        self.router = Router(settings.routes, settings.upstreams)
         # The listing dialects (DESIGN §9) need the key store; without one none is mounted.
         self.store = store
         self.dialects = DialectRouter(settings, registry() if store is not None else {})
-        self.router = Router(settings.routes, settings.upstreams)
+        for taken in self.dialects.shadowed(self.router):
+            log.warning("a listing dialect serves %s; the route does not get it", taken)
         self.policies = {route.name: RoutePolicy.of(route) for route in settings.routes}
         self.authorizer = authorizer
         self.chain = tuple(chain)

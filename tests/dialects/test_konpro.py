@@ -4,9 +4,11 @@ caller's account with ``x-api-key``, in the seed's field names and types."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import aiohttp
+import pytest
 
 from tests.conftest import MakeKey
 from tests.proxy.conftest import Gateway, StartGateway
@@ -89,3 +91,21 @@ async def test_the_path_can_be_moved_or_the_dialect_disabled(
     off = await start_gateway(dialects={"konpro": {"enabled": False}})
     async with http.get(f"{off.url}/v1/api-keys", headers=headers) as response:
         assert response.status == 404  # no dialect, no route: the proxy's own 404
+
+
+async def test_a_route_the_dialect_shadows_is_named_at_startup(
+    start_gateway: StartGateway,
+    http: aiohttp.ClientSession,
+    make_key: MakeKey,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caller = await make_key(scopes=["apikeys:view", "echo:read"])
+    with caplog.at_level(logging.WARNING, logger="keygate.proxy"):
+        gateway = await start_gateway(
+            routes=[{"name": "everything", "prefix": "/v1", "upstream": "demo"}]
+        )
+    assert "GET /v1/api-keys (konpro, route everything)" in caplog.text
+    headers = {"x-api-key": caller.secret or ""}
+    async with http.get(f"{gateway.url}/v1/api-keys", headers=headers) as response:
+        assert response.status == 200
+        assert "api_keys" in await response.json()  # the dialect answered, not the upstream
