@@ -16,12 +16,13 @@ _BATCH = 1000  # keys read per store call
 
 async def all_keys(
     store: KeyStore,
-    workspace_id: str,
+    workspace_id: str | None,
     *,
     user_id: str | None = None,
     include_disabled: bool = True,
 ) -> list[KeyRecord]:
-    """Every key of a workspace (of one user, when given), oldest first."""
+    """Every key of a workspace (``None``: of every workspace; of one user, when given),
+    oldest first."""
     records: list[KeyRecord] = []
     cursor: str | None = None
     while True:
@@ -40,7 +41,7 @@ async def all_keys(
 
 async def window(
     store: KeyStore,
-    workspace_id: str,
+    workspace_id: str | None,
     *,
     offset: int,
     limit: int,
