@@ -8,7 +8,6 @@ their parent path.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -32,13 +31,7 @@ Found = tuple[DialectSpec, dict[str, Endpoint], dict[str, str]]  # endpoints by 
 
 def registry() -> dict[str, DialectSpec]:
     """Every dialect keygate has, by name (each module under gateway/dialects/ has SPEC)."""
-    specs: dict[str, DialectSpec] = {}
-    for name in DIALECTS:
-        if importlib.util.find_spec(f"gateway.dialects.{name}") is None:
-            continue
-        spec: DialectSpec = importlib.import_module(f"gateway.dialects.{name}").SPEC
-        specs[name] = spec
-    return specs
+    return {name: importlib.import_module(f"gateway.dialects.{name}").SPEC for name in DIALECTS}
 
 
 class DialectRouter:
