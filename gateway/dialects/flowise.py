@@ -90,7 +90,7 @@ async def list_keys(call: Call) -> web.Response:
     if asked.organization and not grants(call.caller.scopes, ORG_ADMIN):
         return error(403, "insufficient_scope", f"type=organization needs the {ORG_ADMIN} scope")
     workspace = None if asked.organization else call.caller.workspace_id  # None: all
-    records, _ = await window(call.store, workspace, offset=asked.offset, limit=asked.limit)
+    records = await window(call.store, workspace, offset=asked.offset, limit=asked.limit)
     return json_response([key_json(r) for r in records])
 
 

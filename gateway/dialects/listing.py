@@ -47,12 +47,23 @@ async def window(
     limit: int,
     user_id: str | None = None,
     include_disabled: bool = True,
-) -> tuple[list[KeyRecord], int]:
-    """Keys ``offset`` to ``offset + limit`` (oldest first) and how many there are in all.
+) -> list[KeyRecord]:
+    """Keys ``offset`` to ``offset + limit`` (oldest first); reads no further than that.
 
     New keys sort after every existing one, so creating keys never moves an earlier page.
     """
-    records = await all_keys(
-        store, workspace_id, user_id=user_id, include_disabled=include_disabled
-    )
-    return records[offset : offset + limit], len(records)
+    records: list[KeyRecord] = []
+    cursor: str | None = None
+    while len(records) < offset + limit:
+        page = await store.list(
+            workspace_id=workspace_id,
+            user_id=user_id,
+            include_disabled=include_disabled,
+            limit=_BATCH,
+            cursor=cursor,
+        )
+        records.extend(page.records)
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    return records[offset : offset + limit]

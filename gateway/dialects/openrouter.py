@@ -248,7 +248,7 @@ async def list_keys(call: Call) -> web.Response:
     _flag(call, "include_expired")  # validated; expired keys are always listed (the seed)
     offset = _offset(call)
     _same_workspace(call, call.request.query.get("workspace_id"))
-    records, _ = await window(
+    records = await window(
         call.store,
         call.caller.workspace_id,
         offset=offset,
