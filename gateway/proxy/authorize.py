@@ -27,6 +27,7 @@ from gateway.usage.periods import DAY_MS, ClockOverride, day_hint, server_clock
 AUTHORIZE = LuaScript.from_source(script_source("authorize"))
 SETTLE = LuaScript.from_source(script_source("settle"))
 REPORT = LuaScript.from_source(script_source("report"))
+HELD = 8  # where an "ok" reply holds the reservation (see authorize.lua)
 
 
 class RateState(NamedTuple):
@@ -95,7 +96,7 @@ class HashCache:
 
 @functools.lru_cache(maxsize=4096)
 def _identity(
-    key_id: Any, workspace_id: Any, user_id: Any, scopes: Any, resources: Any
+    key_id: Any, workspace_id: Any, user_id: Any, scopes: Any, resources: Any, name: Any
 ) -> KeyIdentity:
     """The identity in an authorize reply. A key's replies repeat request after request, so
     the JSON is parsed and the object built once per distinct reply (it is immutable)."""
@@ -107,6 +108,7 @@ def _identity(
         scopes=scope_list,
         resources=None if resources is None else tuple(json.loads(resources)),
         scopes_header=" ".join(scope_list),
+        name=None if name is None else _text(name),
     )
 
 
@@ -209,21 +211,21 @@ class KeyAuthorizer:
         status = _text(reply[0])
         if status == "not_found":
             return NOT_FOUND
-        key = _identity(*reply[2:7])
+        key = _identity(*reply[2:8])
         now = int(reply[1])
         if status == "ok":
             return Decision(
-                status, key, now, int(reply[7]), _rate_state(reply, 8), None, (record, usage)
+                status, key, now, int(reply[HELD]), _rate_state(reply, 9), None, (record, usage)
             )
         if status == "rate_limited":
-            return Decision(status, key, now, 0, _rate_state(reply, 8))
+            return Decision(status, key, now, 0, _rate_state(reply, 9))
         if status == "spend_limited":
-            name, amount, period, counted, resets = reply[7:12]
+            name, amount, period, counted, resets = reply[8:13]
             cap = BlockedCap(
                 _text(name), int(amount), _text(period), int(counted), int(resets) or None
             )
-            return Decision(status, key, now, rate=_rate_state(reply, 12), cap=cap)
-        return Decision(status, key, now, rate=_rate_state(reply, 7))
+            return Decision(status, key, now, rate=_rate_state(reply, 13), cap=cap)
+        return Decision(status, key, now, rate=_rate_state(reply, 8))
 
 
 def _ignore(reply: list[Any], keys: tuple[str, str], policy: RoutePolicy) -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from gateway.errors import ErrorFormat, Outcome
+from gateway.metrics import NO_ROUTE
 from gateway.proxy.routing import Match
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ class KeyIdentity:
     scopes: tuple[str, ...]
     resources: tuple[str, ...] | None
     scopes_header: str  # X-Keygate-Scopes, space-separated, built once per distinct value
+    name: str | None = None  # for per-key metrics
 
 
 @dataclass(slots=True)
@@ -44,6 +46,9 @@ class RequestContext:
     outcome: Outcome = Outcome.OK
     upstream_status: int | None = None  # set when the upstream answered
     responded: bool = False  # the client has the status line: the upstream's work is used
+    upstream_s: float | None = None  # the upstream exchange's duration, when forwarded
+    charged: int = 0  # micro-units this request cost (settled)
+    endpoint: str = NO_ROUTE  # the metrics' route label when no route matched
 
     @property
     def error_format(self) -> ErrorFormat:

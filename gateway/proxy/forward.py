@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -17,7 +18,7 @@ from gateway.proxy.context import RequestContext
 from gateway.proxy.headers import client_response_headers, upstream_request_headers
 from gateway.proxy.paths import encode
 from gateway.proxy.steps import deny
-from gateway.proxy.upstream_http import Body, UpstreamClosed, UpstreamError
+from gateway.proxy.upstream_http import Body, UpstreamClosed, UpstreamError, UpstreamUnreachable
 
 if TYPE_CHECKING:
     from gateway.proxy.cost import CostMeter
@@ -76,6 +77,8 @@ async def forward(proxy: Proxy, ctx: RequestContext, meter: CostMeter | None) ->
     hide_query = proxy.settings.keys.query_param if ctx.credential_in_query else None
     pool = proxy.pools[upstream_settings.name]
     response: web.StreamResponse | None = None
+    name = upstream_settings.name
+    sent_at = time.perf_counter()
     try:
         async with pool.request(
             request.method, pool.base_path + upstream_target(ctx, hide_query), headers, data
@@ -110,28 +113,35 @@ async def forward(proxy: Proxy, ctx: RequestContext, meter: CostMeter | None) ->
             ctx.outcome = Outcome.UPSTREAM_ERROR  # the client went away; upstream dropped
             raise
         exchange.task.uncancel()  # our own timeout, not the client's cancel: answer 504
+        proxy.metrics.upstream_error(name, "timeout")
         if response is None:
             return deny(ctx, Outcome.UPSTREAM_TIMEOUT, "the upstream did not answer in time")
         ctx.outcome = Outcome.UPSTREAM_TIMEOUT
     except TimeoutError:  # connecting took longer than timeouts.connect
+        proxy.metrics.upstream_error(name, "timeout")
         if response is None:
             return deny(ctx, Outcome.UPSTREAM_TIMEOUT, "the upstream did not answer in time")
         ctx.outcome = Outcome.UPSTREAM_TIMEOUT
     except UpstreamClosed:
+        proxy.metrics.upstream_error(name, "closed")
         if response is None:  # the upstream closed or reset before answering
             return deny(ctx, Outcome.UPSTREAM_ERROR, "the upstream closed the connection")
         ctx.outcome = Outcome.UPSTREAM_ERROR  # cut off mid-body
     except UpstreamError as exc:
+        kind = "connect" if isinstance(exc, UpstreamUnreachable) else "invalid"
+        proxy.metrics.upstream_error(name, kind)
         if response is None:
-            log.info("upstream %s failed: %s", upstream_settings.name, exc)
+            log.info("upstream %s failed: %s", name, exc)
             return deny(ctx, Outcome.UPSTREAM_ERROR, "the upstream could not be reached")
         ctx.outcome = Outcome.UPSTREAM_ERROR
     except (aiohttp.ClientConnectionResetError, ConnectionResetError):
         if response is None:
+            proxy.metrics.upstream_error(name, "closed")
             return deny(ctx, Outcome.UPSTREAM_ERROR, "the upstream closed the connection")
         ctx.outcome = Outcome.UPSTREAM_ERROR  # usually the client left mid-stream
     finally:
         proxy.deadlines.finish(exchange)
+        ctx.upstream_s = time.perf_counter() - sent_at
     # Failed mid-stream: the status line is gone, so cut the connection rather than end the
     # body cleanly; the client must not take a truncated answer for a whole one.
     if request.transport is not None:

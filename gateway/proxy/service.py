@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -15,6 +15,8 @@ from multidict import CIMultiDict
 from gateway.config.model import Settings, Upstream
 from gateway.dialects import mount as dialects
 from gateway.dialects.mount import DialectRouter, registry
+from gateway.errors import Outcome
+from gateway.metrics import OWN_KEY, Metrics
 from gateway.policies import ratelimit
 from gateway.policies.limits import RoutePolicy
 from gateway.proxy.authorize import KeyAuthorizer
@@ -31,13 +33,6 @@ from gateway.proxy.websocket import is_upgrade, proxy_websocket
 from gateway.store.keystore import KeyStore
 
 log = logging.getLogger("keygate.proxy")
-
-
-@dataclass(slots=True)
-class ProxyStats:
-    """Counters kept until the metrics module exports them."""
-
-    failed_open: int = 0
 
 
 _NOTHING_AUTOMATIC: CIMultiDict[None] = CIMultiDict(
@@ -94,8 +89,10 @@ class Proxy:
             for name, u in settings.upstreams.items()
         }
         self.deadlines = Deadlines()
-        self.stats = ProxyStats()
-        self.settlements = Settlements(authorizer)
+        self.metrics = Metrics(
+            per_key=settings.metrics.per_key, per_key_max=settings.metrics.per_key_max
+        )
+        self.settlements = Settlements(authorizer, self.metrics)
         authorizer.abandoned = self.settlements.release
 
     async def start(self) -> None:
@@ -114,13 +111,37 @@ class Proxy:
             await pool.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
         ctx = RequestContext(request, request_id(request.headers.get(REQUEST_ID)))
+        metrics = self.metrics
+        metrics.in_flight.inc()
+        response: web.StreamResponse | None = None
+        try:
+            response = await self._respond(ctx)
+            return response
+        finally:
+            metrics.in_flight.dec()
+            # No response: the client left first (nginx's 499).
+            status = response.status if response is not None else 499
+            route = ctx.match.route.name if ctx.match is not None else ctx.endpoint
+            total = time.perf_counter() - started
+            metrics.request(route, request.method, status, ctx.outcome.value, total, ctx.upstream_s)
+            if metrics.per_key and ctx.key is not None:
+                metrics.key_used(ctx.key.id, ctx.key.name, ctx.charged)
+
+    async def _respond(self, ctx: RequestContext) -> web.StreamResponse:
+        request = ctx.request
         if is_own_key_request(request):
-            return await own_key(self, request, ctx.request_id)
+            ctx.endpoint = OWN_KEY
+            answer = await own_key(self, request, ctx.request_id)
+            ctx.outcome = outcome_of(answer.status)
+            return answer
         if self.dialects and (found := self.dialects.match(request.raw_path)) is not None:
             assert self.store is not None
+            ctx.endpoint = f"dialect:{found[0].name}"
             answer = await dialects.serve(found, request, self.store, self.settings)
             answer.headers[REQUEST_ID] = ctx.request_id
+            ctx.outcome = outcome_of(answer.status)
             return answer
         for step in self.chain:
             response = await step(self, ctx)
@@ -135,9 +156,24 @@ class Proxy:
             response = await forward(self, ctx, meter)
         finally:
             if decision is not None:  # also when the client left
-                self.settlements.settle(ctx, decision, meter)
+                ctx.charged = self.settlements.settle(ctx, decision, meter)
         if not response.prepared:  # a 502/504 problem; streamed answers carry these already
             response.headers[REQUEST_ID] = ctx.request_id
             if decision is not None and decision.rate is not None:
                 response.headers.extend(ratelimit.headers(decision.rate))
         return response
+
+
+_OUTCOME_OF_STATUS = {
+    401: Outcome.INVALID_KEY,
+    403: Outcome.FORBIDDEN_SCOPE,
+    503: Outcome.STORE_ERROR,
+}
+
+
+def outcome_of(status: int) -> Outcome:
+    """The outcome of an answer keygate made itself (a dialect's, GET /v1/key), for metrics
+    and the access log: those answers carry their outcome only as a status."""
+    if status < 400:
+        return Outcome.OK
+    return _OUTCOME_OF_STATUS.get(status, Outcome.INVALID_REQUEST)

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError, RedisError
 
-from gateway.proxy.authorize import SETTLE
+from gateway.proxy.authorize import HELD, SETTLE
 from gateway.proxy.context import RequestContext
 from gateway.usage.periods import DAY_MS, day_hint
 
 if TYPE_CHECKING:
+    from gateway.metrics import Metrics
     from gateway.policies.limits import RoutePolicy
     from gateway.proxy.authorize import Decision, KeyAuthorizer
     from gateway.proxy.cost import CostMeter
@@ -62,28 +64,33 @@ class Settlements:
     day falls in the same day, week and month.
     """
 
-    def __init__(self, authorizer: KeyAuthorizer) -> None:
+    def __init__(self, authorizer: KeyAuthorizer, metrics: Metrics) -> None:
         self.authorizer = authorizer
+        self.metrics = metrics
         self.pending: dict[asyncio.Future[Any], tuple[Any, ...]] = {}  # reply -> command
-        self.failed = 0  # settlements given up after retries (metrics, issue 6)
+        self._sent_at: dict[asyncio.Future[Any], float] = {}  # reply -> when (latency)
+        self.failed = 0  # settlements given up after retries
         # (record key, usage prefix, UTC day, byok) -> [an instant of that day, delta]
         self._turn: dict[tuple[str, str, int, str], list[int]] = {}
         self._flush_handle: asyncio.Handle | None = None
 
-    def settle(self, ctx: RequestContext, decision: Decision, meter: CostMeter | None) -> None:
-        """Queue this request's settlement (nothing when the reservation was exact)."""
-        delta = charge(ctx, decision, meter) - decision.held_micro
+    def settle(self, ctx: RequestContext, decision: Decision, meter: CostMeter | None) -> int:
+        """Queue this request's settlement (nothing when the reservation was exact); what
+        the request cost, in micro-units."""
+        charged = charge(ctx, decision, meter)
+        delta = charged - decision.held_micro
         if delta == 0:  # a fixed cost, reserved exactly: nothing to write
-            return
+            return charged
         assert ctx.policy is not None
         record, usage = decision.settle_keys
         self._add(record, usage, decision.now_ms, ctx.policy.byok, delta)
+        return charged
 
     def release(self, reply: list[Any], keys: tuple[str, str], policy: RoutePolicy) -> None:
         """Refund what an authorization reserved for a request that was gone before it
         could be forwarded (its client left while the script ran)."""
-        if str(reply[0]) == "ok" and int(reply[7]) != 0:
-            self._add(keys[0], keys[1], int(reply[1]), policy.byok, -int(reply[7]))
+        if str(reply[0]) == "ok" and int(reply[HELD]) != 0:
+            self._add(keys[0], keys[1], int(reply[1]), policy.byok, -int(reply[HELD]))
 
     def _add(self, record: str, usage: str, now_ms: int, byok: str, delta: int) -> None:
         key = (record, usage, now_ms // DAY_MS, byok)
@@ -108,12 +115,19 @@ class Settlements:
             if reply is None:  # no connection open: a task connects first
                 reply = asyncio.ensure_future(self._send(call))
             self.pending[reply] = call
+            self._sent_at[reply] = time.perf_counter()
             reply.add_done_callback(self._done)
 
     def _done(self, reply: asyncio.Future[Any]) -> None:
         call = self.pending.pop(reply)
-        if reply.cancelled() or reply.exception() is None:
+        sent_at = self._sent_at.pop(reply, None)
+        if reply.cancelled():
             return
+        if reply.exception() is None:
+            if sent_at is not None:
+                self.metrics.settle_duration.observe(time.perf_counter() - sent_at)
+            return
+        self.metrics.redis_errors.labels("settle").inc()
         error = reply.exception()
         if isinstance(error, NoScriptError):  # not run: the server lost its scripts
             retry = asyncio.ensure_future(self._send(call))
@@ -146,6 +160,7 @@ class Settlements:
 
     def _lost(self, call: tuple[Any, ...], error: BaseException | None) -> None:
         self.failed += 1
+        self.metrics.settlements_lost.inc()
         log.error(
             "settlement of %s micro-units for %s lost: %s",
             call[7],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -85,23 +86,29 @@ async def authorize_key(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse
     valid, not disabled, not expired, scopes, resource, rate limit, spending caps."""
     assert ctx.secret is not None and ctx.match is not None
     policy = ctx.policy = proxy.policies[ctx.match.route.name]
+    metrics = proxy.metrics
     try:
         resource = _resource_without_body(ctx)
         if isinstance(resource, web.StreamResponse):
             return resource
+        asked = time.perf_counter()
         decision = await proxy.authorizer.authorize(
             ctx.secret, policy, ctx.request.method, resource
         )
+        metrics.authorize_duration.observe(time.perf_counter() - asked)
         if decision.status == "need_resource":  # a restricted key: the body names it
             resource = await _resource_from_body(ctx)
             if isinstance(resource, web.StreamResponse):
                 return resource
+            asked = time.perf_counter()
             decision = await proxy.authorizer.authorize(
                 ctx.secret, policy, ctx.request.method, resource
             )
+            metrics.authorize_duration.observe(time.perf_counter() - asked)
     except (RedisError, OSError) as exc:
+        metrics.redis_errors.labels("authorize").inc()
         if proxy.settings.redis.on_error == "fail_open":
-            proxy.stats.failed_open += 1
+            metrics.fail_open.inc()
             return None
         log.warning("key store unavailable: %s", type(exc).__name__)
         return deny(ctx, Outcome.STORE_ERROR, "the key store is unavailable; retry shortly")

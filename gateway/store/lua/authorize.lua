@@ -12,7 +12,7 @@
 --       9 route rate period (ms), 10-16 the buckets of the caller's clock (a hint, see
 --       buckets_at in lib.lua)
 -- Returns {status, now_ms} for not_found, else {status, now_ms, id, workspace_id, user_id,
--- scopes_json, resources_json|false, ...}: for ok and rate_limited then held and the rate
+-- scopes_json, resources_json|false, name|false, ...}: for ok and rate_limited then held and the rate
 -- fields: RateLimit-Policy, RateLimit, Retry-After seconds ('' alone when no rate limit
 -- applies; the key's own limit is policy "key", a route's default "route"); for
 -- spend_limited then cap name, amount, period, counted spend, resets_at_ms (0: never),
@@ -22,14 +22,14 @@ local now_us = clock_us(ARGV[2])
 local now = math.floor(now_us / 1000)
 local f = redis.call('HMGET', KEYS[1], 'hash', 'grace_hash', 'grace_until', 'disabled',
   'expires_at', 'id', 'workspace_id', 'user_id', 'scopes', 'resources', 'rate_limit',
-  'last_used_at', unpack(CAP_FIELDS))
+  'last_used_at', 'name', unpack(CAP_FIELDS))
 local presented = ARGV[1]
 if not f[1] then return {'not_found', now} end
 if f[1] ~= presented and not (f[2] == presented and now < tonumber(f[3] or '0')) then
   return {'not_found', now}
 end
 local function reply(status, ...)
-  return {status, now, f[6], f[7], f[8], f[9], f[10], ...}
+  return {status, now, f[6], f[7], f[8], f[9], f[10], f[13], ...}
 end
 if f[4] == '1' then return reply('disabled') end
 if f[5] and now >= tonumber(f[5]) then return reply('expired') end
@@ -104,13 +104,13 @@ if requests and now_us < allow_at then return reply('rate_limited', 0, idle()) e
 -- refuses even a request that reserves nothing, unless its route charges nothing at all.
 local reserve = tonumber(ARGV[3]) or 0
 local byok = ARGV[4] == '1'
-local with_byok = f[15] == '1'
+local with_byok = f[16] == '1'
 local b = nil
-if ARGV[3] ~= '' and (f[13] or f[16]) and (not byok or with_byok) then
+if ARGV[3] ~= '' and (f[14] or f[17]) and (not byok or with_byok) then
   b = buckets_at(now, ARGV, 10)
-  local base = f[17] and cjson.decode(f[17]) or {} -- [bucket, micro] per cap (update.lua)
+  local base = f[18] and cjson.decode(f[18]) or {} -- [bucket, micro] per cap (update.lua)
   local blocking = nil
-  for i, cap in ipairs(caps_of(f[13], f[14], f[16])) do
+  for i, cap in ipairs(caps_of(f[14], f[15], f[17])) do
     local used = counted(KEYS[2], cap, b, with_byok, base[i])
     if used >= cap[2] or used + reserve > cap[2] then
       local at = resets_at(cap, b)
