@@ -170,6 +170,7 @@ class Metrics:
         self._timings: dict[str, tuple[Any, Any, Any]] = {}
         self._keys: dict[str, tuple[Any, Any]] = {}  # the first per_key_max keys seen
         self._keys_other: tuple[Any, Any] | None = None
+        self._workspaces: set[str] = set()  # the keygate_keys series set
         self.authorize_duration = self.redis_duration.labels("authorize")
         self.settle_duration = self.redis_duration.labels("settle")
 
@@ -236,3 +237,11 @@ class Metrics:
 
     def upstream_error(self, upstream: str, kind: str) -> None:
         self.upstream_errors.labels(upstream, kind).inc()
+
+    def set_key_counts(self, counts: dict[str, int]) -> None:
+        """Keys per workspace, as last counted; workspaces gone since are dropped."""
+        for workspace in self._workspaces - counts.keys():
+            self.keys.remove(workspace)
+        for workspace, count in counts.items():
+            self.keys.labels(workspace).set(count)
+        self._workspaces = set(counts)

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway.admin.app import build_admin_app
+from gateway.admin.metrics_endpoint import add_metrics
 from gateway.app import build_proxy, proxy_server
 from gateway.config.model import Settings
 from gateway.runtime import open_store
@@ -37,9 +38,9 @@ async def serve(
         proxy = build_proxy(settings, multiplexer, store=store)
         await proxy.start()
         proxy_runner = web.ServerRunner(proxy_server(proxy), handle_signals=False)
-        admin_runner = web.AppRunner(
-            build_admin_app(settings, store), access_log=None, handle_signals=False
-        )
+        admin_app = build_admin_app(settings, store)
+        add_metrics(admin_app, proxy.metrics)
+        admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
         try:
             for runner, address, name in (
                 (proxy_runner, settings.listen, "proxy"),

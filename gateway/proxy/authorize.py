@@ -133,6 +133,8 @@ class KeyAuthorizer:
         # Called with the reply of an authorization whose request was cancelled meanwhile
         # (the proxy refunds its reservation); replaced by Proxy.
         self.abandoned: Callable[[list[Any], tuple[str, str], RoutePolicy], None] = _ignore
+        # Given each authorize script call's duration in seconds (metrics); replaced by Proxy.
+        self.timed: Callable[[float], None] = _discard
 
     async def authorize(
         self, secret: str, policy: RoutePolicy, method: str, resource: str | None = None
@@ -201,6 +203,7 @@ class KeyAuthorizer:
         names = self.names
         rate_key = names.rate(key_id)
         record, usage = names.record(key_id), names.usage(key_id, "")
+        sent_at = time.perf_counter()
         reply = await self.redis.run_script(
             AUTHORIZE,
             (record, usage, rate_key, f"{rate_key}:{policy.name}"),
@@ -208,6 +211,7 @@ class KeyAuthorizer:
             # The client left while the script ran: hand back what it reserved.
             lambda late: self.abandoned(late, (record, usage), policy),
         )
+        self.timed(time.perf_counter() - sent_at)
         status = _text(reply[0])
         if status == "not_found":
             return NOT_FOUND
@@ -229,6 +233,10 @@ class KeyAuthorizer:
 
 
 def _ignore(reply: list[Any], keys: tuple[str, str], policy: RoutePolicy) -> None:
+    return None
+
+
+def _discard(seconds: float) -> None:
     return None
 
 

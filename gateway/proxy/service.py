@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from redis.exceptions import RedisError
 
 from gateway.config.model import Settings, Upstream
 from gateway.dialects import mount as dialects
@@ -33,6 +34,7 @@ from gateway.proxy.websocket import is_upgrade, proxy_websocket
 from gateway.store.keystore import KeyStore
 
 log = logging.getLogger("keygate.proxy")
+KEY_COUNT_INTERVAL = 60.0  # seconds between counts of keys per workspace (keygate_keys)
 
 
 _NOTHING_AUTOMATIC: CIMultiDict[None] = CIMultiDict(
@@ -93,14 +95,34 @@ class Proxy:
             per_key=settings.metrics.per_key, per_key_max=settings.metrics.per_key_max
         )
         self.settlements = Settlements(authorizer, self.metrics)
+        self._counting: asyncio.Task[None] | None = None
         authorizer.abandoned = self.settlements.release
+        authorizer.timed = self.metrics.authorize_duration.observe
 
     async def start(self) -> None:
         self.sessions = {name: upstream_session(u) for name, u in self.settings.upstreams.items()}
+        if self.store is not None:
+            self._counting = asyncio.create_task(self._count_keys())
+
+    async def refresh_key_counts(self) -> None:
+        """Count keys per workspace for keygate_keys (one SCAN and a pipeline of ZCARD)."""
+        assert self.store is not None
+        self.metrics.set_key_counts(await self.store.counts_by_workspace())
+
+    async def _count_keys(self) -> None:
+        """In the background, never per scrape: a scrape must stay cheap however many keys."""
+        while True:
+            try:
+                await self.refresh_key_counts()
+            except (RedisError, OSError) as exc:
+                log.warning("counting keys per workspace failed: %s", type(exc).__name__)
+            await asyncio.sleep(KEY_COUNT_INTERVAL)
 
     async def close(self) -> None:
         """Close the upstream pools once every settlement in flight is written, refunds of
         authorizations whose clients left included."""
+        if self._counting is not None:
+            self._counting.cancel()
         with contextlib.suppress(TimeoutError):  # a reply is overdue: its connection fails
             async with asyncio.timeout(self.settings.redis.socket_timeout):
                 await self.authorizer.redis.late_replies_handled()

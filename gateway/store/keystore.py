@@ -330,3 +330,25 @@ class KeyStore:
             else self.names.org_index()
         )
         return int(await self.client.zcard(index))
+
+    async def counts_by_workspace(self) -> dict[str, int]:
+        """Keys per workspace, from the workspace indexes (a SCAN: for background use)."""
+        marker = self.names.workspace_index("")
+        pattern = _glob_escape(marker) + "*"
+        indexes = [str(k) async for k in self.client.scan_iter(match=pattern, count=1000)]
+        if not indexes:
+            return {}
+        async with self.client.pipeline(transaction=False) as pipe:
+            for index in indexes:
+                pipe.zcard(index)
+            sizes = await pipe.execute()
+        return {
+            index[len(marker) :]: int(size)
+            for index, size in zip(indexes, sizes, strict=True)
+            if int(size) > 0
+        }
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a SCAN pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -249,6 +249,7 @@ async def start_gateway(
         upstreams: dict[str, Any] | None = None,
         clock: ClockOverride = server_clock,
         dialects: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
     ) -> Gateway:
         raw = {
             "redis": {
@@ -270,6 +271,7 @@ async def start_gateway(
             },
             "routes": [*(routes or []), *ROUTES],
             "dialects": dialects or {},
+            "metrics": metrics or {},
         }
         settings = build(raw, tmp_path)
         mux = RedisMultiplexer(
