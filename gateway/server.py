@@ -10,10 +10,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from gateway.admin import metrics_endpoint
 from gateway.admin.app import build_admin_app
-from gateway.admin.metrics_endpoint import add_metrics
 from gateway.app import build_proxy, proxy_server
-from gateway.config.model import Settings
+from gateway.config.model import Address, Settings
 from gateway.runtime import open_store
 from gateway.store.keystore import KeyStore
 from gateway.store.multiplex import RedisMultiplexer
@@ -38,14 +38,19 @@ async def serve(
         proxy = build_proxy(settings, multiplexer, store=store)
         await proxy.start()
         proxy_runner = web.ServerRunner(proxy_server(proxy), handle_signals=False)
-        admin_app = build_admin_app(settings, store)
-        add_metrics(admin_app, proxy.metrics)
+        admin_app = build_admin_app(settings, store, proxy.metrics)
         admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
+        listeners: list[tuple[web.BaseRunner, Address, str]] = [
+            (proxy_runner, settings.listen, "proxy"),
+            (admin_runner, settings.admin_listen, "admin"),
+        ]
+        if settings.metrics.listen is not None:  # /metrics alone, for a scraper's network
+            metrics_app = web.Application()
+            metrics_endpoint.add_routes(metrics_app, proxy.metrics)
+            metrics_runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
+            listeners.append((metrics_runner, settings.metrics.listen, "metrics"))
         try:
-            for runner, address, name in (
-                (proxy_runner, settings.listen, "proxy"),
-                (admin_runner, settings.admin_listen, "admin"),
-            ):
+            for runner, address, name in listeners:
                 await runner.setup()
                 await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
                 log.info("%s listener on %s", name, _bound(runner) or address)
@@ -58,8 +63,8 @@ async def serve(
             await _until_signalled()
         finally:
             log.info("stopping")
-            await proxy_runner.cleanup()
-            await admin_runner.cleanup()
+            for runner, _, _ in listeners:
+                await runner.cleanup()
             await proxy.close()
             await multiplexer.close()
 

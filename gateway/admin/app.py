@@ -10,9 +10,10 @@ from redis.exceptions import RedisError
 
 from gateway.config.model import Settings
 from gateway.errors import Outcome, problem
+from gateway.metrics import Metrics
 from gateway.store.keystore import KeyStore
 
-from . import keys
+from . import health, keys, metrics_endpoint
 from .caller import Denied
 from .context import SETTINGS, STORE
 from .openapi import OPENAPI, document, serve_document
@@ -51,12 +52,17 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         return problem(Outcome.INTERNAL_ERROR, "internal error; see the gateway log")
 
 
-def build_admin_app(settings: Settings, store: KeyStore) -> web.Application:
-    """The admin application: management API and OpenAPI document."""
+def build_admin_app(
+    settings: Settings, store: KeyStore, metrics: Metrics | None = None
+) -> web.Application:
+    """The admin application: management API, health probes, metrics (the proxy's, or
+    an empty set when there is no proxy) and OpenAPI document."""
     app = web.Application(middlewares=[problems], client_max_size=settings.admin.max_body_bytes)
     app[SETTINGS] = settings
     app[STORE] = store
     app[OPENAPI] = document()
     keys.add_routes(app)
+    health.add_routes(app)
+    metrics_endpoint.add_routes(app, metrics if metrics is not None else Metrics())
     app.router.add_get("/openapi.json", serve_document, allow_head=False)
     return app

@@ -12,7 +12,9 @@ from gateway.store.input import fields_for
 from gateway.store.record import KEY_TYPES, PERIODS
 from gateway.usage.history import WINDOW
 
+from .health import OPENAPI_PATHS as HEALTH_PATHS
 from .keys import MAX_GRACE_SECONDS, MAX_PAGE
+from .metrics_endpoint import OPENAPI_PATHS as METRICS_PATHS
 
 _NULLABLE_STRING = {"type": ["string", "null"]}
 _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
@@ -373,6 +375,8 @@ def document() -> dict[str, Any]:
                     },
                 },
             },
+            **HEALTH_PATHS,
+            **METRICS_PATHS,
         },
         "components": {
             "securitySchemes": {

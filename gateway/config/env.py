@@ -51,6 +51,8 @@ _TEXT_OPTIONS = frozenset(
         "admin.default_workspace",
         "log.format",
         "log.level",
+        "log.access_format",
+        "metrics.listen",
     )
 )
 
@@ -67,6 +69,6 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "redis": ("url", "data_dir", "key_prefix", "on_error", "connect_timeout", "socket_timeout"),
     "keys": ("secret_prefix", "sources", "query_param", "hide_credentials", "hash_cache_size"),
     "admin": ("max_body_bytes", "default_workspace"),
-    "metrics": ("per_key", "per_key_max"),
-    "log": ("format", "level"),
+    "metrics": ("per_key", "per_key_max", "listen", "on_proxy"),
+    "log": ("format", "level", "access", "access_format"),
 }

@@ -350,6 +350,20 @@ def _address(r: Reader, raw: Mapping[str, Any], key: str, default: Address) -> A
         return default
 
 
+def _optional_address(r: Reader, raw: Mapping[str, Any], key: str, where: str) -> Address | None:
+    text = raw.get(key)
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        r.fail(where, "must be host:port")
+        return None
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        r.fail(where, str(exc))
+        return None
+
+
 def build(raw: Mapping[str, Any], base: Path) -> Settings:
     """Validate a raw mapping into Settings; relative paths resolve against ``base``."""
     r = Reader()
@@ -378,10 +392,14 @@ def build(raw: Mapping[str, Any], base: Path) -> Settings:
         metrics=MetricsSettings(
             r.get(metrics, "per_key", "metrics", bool, False),
             r.integer(metrics, "per_key_max", "metrics", 1000, low=1),
+            _optional_address(r, metrics, "listen", "metrics.listen"),
+            r.get(metrics, "on_proxy", "metrics", bool, False),
         ),
         log=LogSettings(
             cast(Any, r.choice(log, "format", "log", ("json", "text"), "json")),
             cast(Any, r.choice(log, "level", "log", ("debug", "info", "warning", "error"), "info")),
+            r.get(log, "access", "log", bool, True),
+            cast(Any, r.choice(log, "access_format", "log", ("auto", "json", "text"), "auto")),
         ),
     )
     if r.problems:

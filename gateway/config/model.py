@@ -122,12 +122,16 @@ class Dialect:
 class MetricsSettings:
     per_key: bool = False
     per_key_max: int = 1000
+    listen: Address | None = None  # a listener of their own for /metrics, besides admin
+    on_proxy: bool = False  # also GET /metrics on the proxy listener, for metrics:read keys
 
 
 @dataclass(frozen=True, slots=True)
 class LogSettings:
     format: Literal["json", "text"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    access: bool = True  # one line per proxied request on stdout
+    access_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,7 @@ class DialectSpec:
     sources: tuple[str, ...]  # credential sources its clients use (gateway/credentials.py)
     endpoints: Callable[[str], tuple[Endpoint, ...]]  # from the listing path in effect
     error: ErrorBody
+    route_label: str = ""  # the metrics' route label; "" means dialect:<name>
 
 
 def json_response(body: object, status: int = 200) -> web.Response:

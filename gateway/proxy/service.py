@@ -13,6 +13,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from redis.exceptions import RedisError
 
+from gateway.access_log import AccessLog
 from gateway.config.model import Settings, Upstream
 from gateway.dialects import mount as dialects
 from gateway.dialects.mount import DialectRouter, registry
@@ -25,6 +26,7 @@ from gateway.proxy.context import RequestContext
 from gateway.proxy.deadlines import Deadlines
 from gateway.proxy.forward import forward
 from gateway.proxy.headers import REQUEST_ID, request_id
+from gateway.proxy.metrics_endpoint import metrics_on_proxy
 from gateway.proxy.own_key import is_own_key_request, own_key
 from gateway.proxy.routing import Router
 from gateway.proxy.settle import Settlements
@@ -79,7 +81,13 @@ class Proxy:
         self.router = Router(settings.routes, settings.upstreams)
         # The listing dialects (DESIGN §9) need the key store; without one none is mounted.
         self.store = store
-        self.dialects = DialectRouter(settings, registry() if store is not None else {})
+        self.metrics = Metrics(
+            per_key=settings.metrics.per_key, per_key_max=settings.metrics.per_key_max
+        )
+        specs = registry() if store is not None else {}
+        if store is not None and settings.metrics.on_proxy:
+            specs["metrics"] = metrics_on_proxy(self.metrics)
+        self.dialects = DialectRouter(settings, specs)
         for taken in self.dialects.shadowed(self.router):
             log.warning("a listing dialect serves %s; the route does not get it", taken)
         self.policies = {route.name: RoutePolicy.of(route) for route in settings.routes}
@@ -91,13 +99,11 @@ class Proxy:
             for name, u in settings.upstreams.items()
         }
         self.deadlines = Deadlines()
-        self.metrics = Metrics(
-            per_key=settings.metrics.per_key, per_key_max=settings.metrics.per_key_max
-        )
         self.settlements = Settlements(authorizer, self.metrics)
         self._counting: asyncio.Task[None] | None = None
         authorizer.abandoned = self.settlements.release
         authorizer.timed = self.metrics.authorize_duration.observe
+        self.access_log = AccessLog.from_settings(settings)  # None when switched off
 
     async def start(self) -> None:
         self.sessions = {name: upstream_session(u) for name, u in self.settings.upstreams.items()}
@@ -131,6 +137,8 @@ class Proxy:
             await session.close()
         for pool in self.pools.values():
             await pool.close()
+        if self.access_log is not None:
+            self.access_log.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
@@ -150,6 +158,9 @@ class Proxy:
             metrics.request(route, request.method, status, ctx.outcome.value, total, ctx.upstream_s)
             if metrics.per_key and ctx.key is not None:
                 metrics.key_used(ctx.key.id, ctx.key.name, ctx.charged)
+            if self.access_log is not None:
+                cost = ctx.charged if ctx.decision is not None else None
+                self.access_log.record(ctx, status, total, ctx.upstream_s, cost)
 
     async def _respond(self, ctx: RequestContext) -> web.StreamResponse:
         request = ctx.request
@@ -160,7 +171,7 @@ class Proxy:
             return answer
         if self.dialects and (found := self.dialects.match(request.raw_path)) is not None:
             assert self.store is not None
-            ctx.endpoint = f"dialect:{found[0].name}"
+            ctx.endpoint = found[0].route_label or f"dialect:{found[0].name}"
             answer = await dialects.serve(found, request, self.store, self.settings)
             answer.headers[REQUEST_ID] = ctx.request_id
             ctx.outcome = outcome_of(answer.status)

@@ -214,6 +214,34 @@ async def test_keys_per_workspace_are_counted_in_the_background(
     assert value(found, "keygate_keys", workspace="ws-count-b") == 1
 
 
+async def test_metrics_on_the_proxy_listener_need_a_metrics_read_key(
+    start_gateway: StartGateway, http: aiohttp.ClientSession, make_key: MakeKey
+) -> None:
+    reader = await make_key(scopes=["metrics:read"])
+    other = await make_key(scopes=["echo:read"])
+    gateway = await start_gateway(metrics={"on_proxy": True})
+    async with http.get(f"{gateway.url}/metrics", headers=bearer(reader.secret)) as response:
+        assert response.status == 200
+        assert response.headers["Cache-Control"] == "no-store"
+        text = await response.text()
+    assert "keygate_build_info" in text
+    async with http.get(f"{gateway.url}/metrics", headers={"x-api-key": reader.secret or ""}) as r:
+        assert r.status == 200
+    for headers, status, code in (
+        ({}, 401, "missing_key"),
+        (bearer(other.secret), 403, "forbidden_scope"),
+    ):
+        async with http.get(f"{gateway.url}/metrics", headers=headers) as response:
+            assert response.status == status
+            assert response.content_type == "application/problem+json"
+            assert (await response.json())["code"] == code
+    found = metrics_of(gateway)
+    assert requests_total(found)[("metrics", "GET", "2xx", "ok")] == 2
+    off = await start_gateway()  # the default: only the admin listener serves /metrics
+    async with http.get(f"{off.url}/metrics", headers=bearer(reader.secret)) as response:
+        assert response.status == 404
+
+
 # --- real processes: /metrics on the admin listener, two processes adding up -------------
 
 
@@ -273,9 +301,10 @@ async def test_two_processes_sharing_a_multiprocess_directory_add_up(
     shared = tmp_path / "prometheus"
     shared.mkdir()
     replicas = []
+    metrics_port = free_port()
     for n in range(2):
         port, admin = free_port(), free_port()
-        config = {
+        config: dict[str, Any] = {
             "listen": f"{LOOPBACK}:{port}",
             "admin_listen": f"{LOOPBACK}:{admin}",
             "redis": {"url": redis_url, "key_prefix": key_prefix},
@@ -283,6 +312,8 @@ async def test_two_processes_sharing_a_multiprocess_directory_add_up(
             "upstreams": {"hello": {"url": upstream}},
             "routes": [{"name": "hello", "prefix": "/hello", "upstream": "hello"}],
         }
+        if n == 1:  # the second also on a listener of its own for /metrics
+            config["metrics"] = {"listen": f"{LOOPBACK}:{metrics_port}"}
         path = write_config(tmp_path / f"gateway{n}.yaml", config)
         process = serve_processes(path, {"PROMETHEUS_MULTIPROC_DIR": str(shared)})
         replicas.append((port, admin, process))
@@ -302,7 +333,7 @@ async def test_two_processes_sharing_a_multiprocess_directory_add_up(
             assert response.content_type == "text/plain"
             return samples(await response.text())
 
-    for _, admin, _ in replicas:  # either process answers for both
+    for admin in (replicas[0][1], replicas[1][1], metrics_port):  # any answers for both
         found = await scrape(admin)
         assert requests_total(found)[("hello", "GET", "2xx", "ok")] == 8
         assert value(found, "keygate_request_duration_seconds_count", route="hello") == 8

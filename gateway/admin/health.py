@@ -1,0 +1,142 @@
+"""Liveness and readiness on the admin listener: /healthz and /readyz, no auth.
+
+/healthz answers from the process alone. /readyz asks Redis one question, SCRIPT EXISTS for
+the store's scripts, which also proves Redis answers; the round trip is bounded by
+``redis.socket_timeout``. A 503 names its reason in a fixed phrase, never an exception's
+text (which can carry a URL and its password).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from gateway.store.keystore import KeyStore
+
+from .context import SETTINGS, STORE
+
+log = logging.getLogger("keygate.admin")
+
+REDIS_UNREACHABLE = "redis unreachable"
+SCRIPTS_NOT_LOADED = "scripts not loaded"
+
+
+@dataclass(slots=True)
+class ScriptReload:
+    """At most one background SCRIPT LOAD at a time.
+
+    A flushed script cache (a Redis restart without persistence) would otherwise keep the
+    gateway unready for good: an orchestrator sends no traffic to an unready replica, and
+    only traffic reloads scripts (EVALSHA, then SCRIPT LOAD on NOSCRIPT).
+    """
+
+    task: asyncio.Task[None] | None = field(default=None)
+
+    def start(self, store: KeyStore, timeout: float) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(_reload(store, timeout))
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
+RELOAD = web.AppKey("script_reload", ScriptReload)
+
+
+async def _reload(store: KeyStore, per_call: float) -> None:
+    try:
+        async with asyncio.timeout(per_call * len(store.scripts.__slots__)):
+            await store.scripts.load()
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("reloading the store's scripts failed: %s", type(exc).__name__)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 when Redis answers and holds every store script; else 503 with the reason."""
+    store = request.app[STORE]
+    timeout = request.app[SETTINGS].redis.socket_timeout
+    shas = [getattr(store.scripts, name).sha for name in store.scripts.__slots__]
+    try:
+        async with asyncio.timeout(timeout):
+            loaded = await store.client.script_exists(*shas)
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("readiness: redis unreachable (%s)", type(exc).__name__)
+        return _unavailable(REDIS_UNREACHABLE)
+    if not all(loaded):
+        request.app[RELOAD].start(store, timeout)
+        return _unavailable(SCRIPTS_NOT_LOADED)
+    return web.json_response({"status": "ready"})
+
+
+def _unavailable(reason: str) -> web.Response:
+    return web.json_response(
+        {"status": "unavailable", "reason": reason}, status=503, headers={"Retry-After": "1"}
+    )
+
+
+async def _reload_context(app: web.Application) -> AsyncIterator[None]:
+    app[RELOAD] = ScriptReload()
+    yield
+    await app[RELOAD].stop()
+
+
+def add_routes(app: web.Application) -> None:
+    app.cleanup_ctx.append(_reload_context)
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/readyz", readyz, allow_head=False)
+
+
+def _status_schema(*statuses: str, reason: bool = False) -> dict[str, Any]:
+    properties: dict[str, Any] = {"status": {"type": "string", "enum": list(statuses)}}
+    if reason:
+        properties["reason"] = {"type": "string", "enum": [REDIS_UNREACHABLE, SCRIPTS_NOT_LOADED]}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": list(properties),
+        "properties": properties,
+    }
+
+
+def _probe(operation: str, summary: str, ok: dict[str, Any]) -> dict[str, Any]:
+    return {"get": {"operationId": operation, "summary": summary, "security": [], **ok}}
+
+
+def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+# OpenAPI path items, merged into the admin document where the routes are registered.
+OPENAPI_PATHS: dict[str, Any] = {
+    "/healthz": _probe(
+        "getLiveness",
+        "The process is alive (no Redis call)",
+        {"responses": {"200": _json("Alive.", _status_schema("ok"))}},
+    ),
+    "/readyz": _probe(
+        "getReadiness",
+        "Redis answers and holds the store's scripts",
+        {
+            "responses": {
+                "200": _json("Ready.", _status_schema("ready")),
+                "503": _json(
+                    "Not ready; `reason` says why.", _status_schema("unavailable", reason=True)
+                ),
+            }
+        },
+    ),
+}
