@@ -10,9 +10,10 @@ The proxy's hot path costs a dict lookup for the request's label children (resol
 per distinct label set) and a few increments; nothing is computed per scrape but the
 exposition itself.
 
-With ``PROMETHEUS_MULTIPROC_DIR`` set (``keygate serve --workers N`` sets it), counters and
+With ``PROMETHEUS_MULTIPROC_DIR`` set (prometheus-client's multiprocess mode, for several
+processes on one host; ``--workers N`` is to set it for its workers), counters and
 histograms live in per-process files that the exposition sums: counters add up across
-workers, and a restarted worker's totals stay in its old file.
+processes, and a restarted process's totals stay in its old file.
 """
 
 from __future__ import annotations
