@@ -23,20 +23,7 @@ async def all_keys(
 ) -> list[KeyRecord]:
     """Every key of a workspace (``None``: of every workspace; of one user, when given),
     oldest first."""
-    records: list[KeyRecord] = []
-    cursor: str | None = None
-    while True:
-        page = await store.list(
-            workspace_id=workspace_id,
-            user_id=user_id,
-            include_disabled=include_disabled,
-            limit=_BATCH,
-            cursor=cursor,
-        )
-        records.extend(page.records)
-        if page.next_cursor is None:
-            return records
-        cursor = page.next_cursor
+    return await _read(store, workspace_id, user_id, include_disabled, None)
 
 
 async def window(
@@ -52,9 +39,21 @@ async def window(
 
     New keys sort after every existing one, so creating keys never moves an earlier page.
     """
+    records = await _read(store, workspace_id, user_id, include_disabled, offset + limit)
+    return records[offset : offset + limit]
+
+
+async def _read(
+    store: KeyStore,
+    workspace_id: str | None,
+    user_id: str | None,
+    include_disabled: bool,
+    enough: int | None,
+) -> list[KeyRecord]:
+    """Keys oldest first, a store batch at a time, until ``enough`` (None: all) are read."""
     records: list[KeyRecord] = []
     cursor: str | None = None
-    while len(records) < offset + limit:
+    while enough is None or len(records) < enough:
         page = await store.list(
             workspace_id=workspace_id,
             user_id=user_id,
@@ -66,4 +65,4 @@ async def window(
         if page.next_cursor is None:
             break
         cursor = page.next_cursor
-    return records[offset : offset + limit]
+    return records
