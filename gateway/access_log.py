@@ -20,6 +20,7 @@ from typing import BinaryIO, Literal
 from urllib.parse import unquote_plus
 
 from gateway.config.model import Settings
+from gateway.metrics import NO_ROUTE
 from gateway.proxy.context import RequestContext
 
 log = logging.getLogger("keygate")
@@ -79,7 +80,12 @@ class AccessLog:
         path, _, query = request.raw_path.partition("?")
         if query:
             query = self._redact(query)
-        route = ctx.match.route.name if ctx.match is not None else None
+        # The matched route, or keygate's own endpoint (dialect:<name>, own_key, metrics),
+        # as the metrics label it; null when nothing answered the path.
+        if ctx.match is not None:
+            route: str | None = ctx.match.route.name
+        else:
+            route = ctx.endpoint if ctx.endpoint != NO_ROUTE else None
         key = ctx.key
         # Integer arithmetic: formatting floats costs several times more per line.
         cost = None if cost_micro is None else _decimal(cost_micro, 1_000_000, "06d")

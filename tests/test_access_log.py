@@ -130,6 +130,20 @@ async def test_a_denied_request_without_route_or_key_has_nulls(
     assert (line["cost"], line["upstream_ms"], line["total_ms"]) == (None, None, 0.5)
 
 
+async def test_keygates_own_endpoints_are_named_as_in_the_metrics(
+    aiohttp_client: Client, json_log: AccessLog, out: Path
+) -> None:
+    async def act(request: web.Request) -> None:
+        ctx = RequestContext(request, "req-3")
+        ctx.endpoint = "dialect:konpro"  # what Proxy sets for a dialect's answer
+        json_log.record(ctx, 200, 0.002, None, None)
+
+    await _serve(aiohttp_client, act, "/v1/api-keys")
+    json_log.close()
+    [line] = _lines(out)
+    assert (line["route"], line["status"], line["path"]) == ("dialect:konpro", 200, "/v1/api-keys")
+
+
 @pytest.mark.parametrize(
     ("query", "logged"),
     [
