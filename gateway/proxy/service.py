@@ -129,6 +129,8 @@ class Proxy:
         authorizations whose clients left included."""
         if self._counting is not None:
             self._counting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._counting
         with contextlib.suppress(TimeoutError):  # a reply is overdue: its connection fails
             async with asyncio.timeout(self.settings.redis.socket_timeout):
                 await self.authorizer.redis.late_replies_handled()
