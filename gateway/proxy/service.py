@@ -101,6 +101,7 @@ class Proxy:
         self.deadlines = Deadlines()
         self.settlements = Settlements(authorizer, self.metrics)
         self._counting: asyncio.Task[None] | None = None
+        self._closing = False
         authorizer.abandoned = self.settlements.release
         authorizer.timed = self.metrics.authorize_duration.observe
         self.access_log = AccessLog.from_settings(settings)  # None when switched off
@@ -117,10 +118,12 @@ class Proxy:
 
     async def _count_keys(self) -> None:
         """In the background, never per scrape: a scrape must stay cheap however many keys."""
-        while True:
+        while not self._closing:
             try:
                 await self.refresh_key_counts()
             except (RedisError, OSError) as exc:
+                if self._closing:
+                    return
                 log.warning("counting keys per workspace failed: %s", type(exc).__name__)
             await asyncio.sleep(KEY_COUNT_INTERVAL)
 
@@ -129,8 +132,11 @@ class Proxy:
         authorizations whose clients left included."""
         if self._counting is not None:
             self._counting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._counting
+            # Bounded: a cancellation that lands in redis-py's connect can come out as a
+            # TimeoutError (an OSError), which the loop survives; the loop then sees
+            # `_closing` and ends, but never wait on it for long.
+            self._closing = True
+            await asyncio.wait([self._counting], timeout=1.0)
         with contextlib.suppress(TimeoutError):  # a reply is overdue: its connection fails
             async with asyncio.timeout(self.settings.redis.socket_timeout):
                 await self.authorizer.redis.late_replies_handled()
