@@ -11,7 +11,7 @@ per distinct label set) and a few increments; nothing is computed per scrape but
 exposition itself.
 
 With ``PROMETHEUS_MULTIPROC_DIR`` set (prometheus-client's multiprocess mode, for several
-processes on one host; ``--workers N`` is to set it for its workers), counters and
+processes on one host; ``keygate serve --workers N`` sets it for its workers), counters and
 histograms live in per-process files that the exposition sums: counters add up across
 processes, and a restarted process's totals stay in its old file.
 """

@@ -22,7 +22,11 @@ log = logging.getLogger("keygate")
 
 
 async def serve(
-    settings: Settings, url: str, on_ready: Callable[[KeyStore], Awaitable[None]] | None = None
+    settings: Settings,
+    url: str,
+    on_ready: Callable[[KeyStore], Awaitable[None]] | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> None:
     """Serve the proxy and admin listeners until SIGTERM or SIGINT, then stop in order:
     stop accepting, let in-flight requests finish, close upstream pools and Redis.
@@ -37,9 +41,14 @@ async def serve(
         )
         proxy = build_proxy(settings, multiplexer, store=store)
         await proxy.start()
-        proxy_runner = web.ServerRunner(proxy_server(proxy), handle_signals=False)
+        grace = settings.shutdown_timeout  # for requests in flight when stopping
+        proxy_runner = web.ServerRunner(
+            proxy_server(proxy), handle_signals=False, shutdown_timeout=grace
+        )
         admin_app = build_admin_app(settings, store, proxy.metrics)
-        admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
+        admin_runner = web.AppRunner(
+            admin_app, access_log=None, handle_signals=False, shutdown_timeout=grace
+        )
         listeners: list[tuple[web.BaseRunner, Address, str]] = [
             (proxy_runner, settings.listen, "proxy"),
             (admin_runner, settings.admin_listen, "admin"),
@@ -47,12 +56,17 @@ async def serve(
         if settings.metrics.listen is not None:  # /metrics alone, for a scraper's network
             metrics_app = web.Application()
             metrics_endpoint.add_routes(metrics_app, proxy.metrics)
-            metrics_runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
+            metrics_runner = web.AppRunner(
+                metrics_app, access_log=None, handle_signals=False, shutdown_timeout=grace
+            )
             listeners.append((metrics_runner, settings.metrics.listen, "metrics"))
         try:
             for runner, address, name in listeners:
                 await runner.setup()
-                await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
+                site = web.TCPSite(
+                    runner, address.host, address.port, reuse_address=True, reuse_port=reuse_port
+                )
+                await site.start()
                 log.info("%s listener on %s", name, _bound(runner) or address)
             # Everything built at startup lives until exit: keep it out of the cyclic
             # collector's sweeps, which otherwise rescan it on every full collection.

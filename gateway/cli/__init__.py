@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -46,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
         help="config file (default: $KEYGATE_CONFIG, else ./config/gateway.yaml)",
     )
     serve = commands.add_parser("serve", parents=[common], help="run the gateway")
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        metavar="N",
+        help="worker processes sharing the ports (default: the config's workers, 1)",
+    )
     serve.set_defaults(run=_serve)
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path", metavar="PATH")
@@ -55,13 +62,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text!r})")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     # aiohttp and the servers load only for `serve`, not for every CLI command.
-    from gateway import logs, runtime, server
+    from gateway import logs, runtime, server, workers
 
     settings = load_settings(args.config)
+    if args.workers is not None:
+        settings = dataclasses.replace(settings, workers=args.workers)
     logs.setup(settings.log)
-    runtime.with_redis(settings, lambda url: server.serve(settings, url), attach=False)
+    if settings.workers > 1 and not workers.is_worker():
+        config = workers.config_path(args.config)
+        return runtime.with_redis(
+            settings,
+            lambda url: workers.Supervisor(settings, config, url).run(),
+            attach=False,
+        )
+    reuse_port = workers.is_worker()  # the supervisor's workers share every port
+    runtime.with_redis(
+        settings, lambda url: server.serve(settings, url, reuse_port=reuse_port), attach=False
+    )
     return 0
 
 

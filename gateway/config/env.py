@@ -9,7 +9,7 @@ import yaml
 
 ENV_PREFIX = "KEYGATE_"
 SECTIONS = ("redis", "keys", "admin", "metrics", "log")
-_TOP_SCALARS = ("listen", "admin_listen", "workers")
+_TOP_SCALARS = ("listen", "admin_listen", "workers", "shutdown_timeout")
 
 
 def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:

@@ -370,7 +370,16 @@ def build(raw: Mapping[str, Any], base: Path) -> Settings:
     r.unknown(
         raw,
         "",
-        ("listen", "admin_listen", "workers", "upstreams", "routes", *SECTIONS, "dialects"),
+        (
+            "listen",
+            "admin_listen",
+            "workers",
+            "shutdown_timeout",
+            "upstreams",
+            "routes",
+            *SECTIONS,
+            "dialects",
+        ),
     )
     upstreams = _upstreams(r, raw)
     admin = r.section(raw, "admin", "", SECTION_KEYS["admin"])
@@ -380,6 +389,7 @@ def build(raw: Mapping[str, Any], base: Path) -> Settings:
         listen=_address(r, raw, "listen", DEFAULT_LISTEN),
         admin_listen=_address(r, raw, "admin_listen", DEFAULT_ADMIN_LISTEN),
         workers=r.integer(raw, "workers", "", 1, low=1),
+        shutdown_timeout=r.number(raw, "shutdown_timeout", "", 30.0, open_low=True),
         redis=_redis(r, raw, base),
         keys=_keys(r, raw),
         admin=AdminSettings(

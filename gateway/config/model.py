@@ -145,6 +145,7 @@ class Settings:
     listen: Address = DEFAULT_LISTEN
     admin_listen: Address = DEFAULT_ADMIN_LISTEN
     workers: int = 1
+    shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
     redis: RedisSettings = field(default_factory=RedisSettings)
     keys: KeySettings = field(default_factory=KeySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)

@@ -1,0 +1,218 @@
+"""``keygate serve --workers N``: the workers share one port (SO_REUSEPORT), their metrics
+add up, a worker that dies is replaced, and SIGTERM lets requests in flight finish before
+every process exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import MakeKey, bearer
+from tests.procs import KEYGATE, clean_env, free_port, http_get, write_config
+from tests.proxy.conftest import LOOPBACK, ServeApp
+
+
+def _children(pid: int) -> set[int]:
+    """The pids whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces, so split after its ")".
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            found.add(int(entry.name))
+    return found
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        if state == "0A" and int(local.rpartition(":")[2], 16) == port:
+            inodes.add(inode)
+    return inodes
+
+
+def _listens(pid: int, port: int) -> bool:
+    wanted = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(str(fd.readlink()) in wanted for fd in fds.iterdir())
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path) -> Iterator[Any]:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(config: Path, workers: int) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [*KEYGATE, "serve", "--config", str(config), "--workers", str(workers)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / "serve.err").open("wb"),
+            env=clean_env(),
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for child in _children(process.pid):  # orphans, if the supervisor was killed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+
+def _wait(predicate: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+def _ready(admin: int) -> bool:
+    try:
+        return http_get(admin, "/openapi.json")[0] == 200
+    except OSError:
+        return False
+
+
+async def test_workers_share_the_port_add_up_and_are_replaced(
+    redis_url: str,
+    key_prefix: str,
+    redis: object,  # its teardown deletes the test's keys after the processes stop
+    serve_app: ServeApp,
+    supervisor: Any,
+    make_key: MakeKey,
+    tmp_path: Path,
+) -> None:
+    async def hello(request: web.BaseRequest) -> web.Response:
+        return web.Response(text="hi")
+
+    port, admin = free_port(), free_port()
+    config = {
+        "listen": f"{LOOPBACK}:{port}",
+        "admin_listen": f"{LOOPBACK}:{admin}",
+        "redis": {"url": redis_url, "key_prefix": key_prefix},
+        "log": {"level": "warning", "access": False},
+        "upstreams": {"hello": {"url": f"http://{LOOPBACK}:{await serve_app(hello)}"}},
+        "routes": [{"name": "hello", "prefix": "/hello", "upstream": "hello"}],
+    }
+    process = supervisor(write_config(tmp_path / "gw.yaml", config), 2)
+    await asyncio.to_thread(_wait, lambda: _ready(admin) and len(_children(process.pid)) == 2)
+    workers = _children(process.pid)
+    await asyncio.to_thread(_wait, lambda: all(_listens(w, port) for w in workers))
+    assert all(_listens(w, admin) for w in workers)
+
+    issued = await make_key()
+    # A new connection per request, so the kernel spreads them over both workers.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def hit() -> int:
+            async with http.get(
+                f"http://{LOOPBACK}:{port}/hello", headers=bearer(issued.secret)
+            ) as r:
+                await r.read()
+                return r.status
+
+        assert [await hit() for _ in range(40)] == [200] * 40
+
+        async def served() -> float:
+            async with http.get(f"http://{LOOPBACK}:{admin}/metrics") as r:
+                text = await r.text()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if (
+                        sample.name == "keygate_requests_total"
+                        and sample.labels["route"] == "hello"
+                    ):
+                        return sample.value
+            return 0.0
+
+        assert await served() == 40  # whichever worker answers the scrape, it counts both
+
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced() -> bool:
+            now = _children(process.pid)  # one reading: the victim lingers until reaped
+            return len(now) == 2 and victim not in now
+
+        await asyncio.to_thread(_wait, replaced)
+        replacement = (_children(process.pid) - workers).pop()
+        await asyncio.to_thread(_wait, lambda: _listens(replacement, port))
+        assert [await hit() for _ in range(10)] == [200] * 10
+        assert await served() == 50  # the dead worker's 20-odd requests are still counted
+
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 30) == 0
+    assert _children(process.pid) == set()
+
+
+async def test_sigterm_lets_requests_in_flight_finish(
+    redis_url: str,
+    key_prefix: str,
+    redis: object,
+    serve_app: ServeApp,
+    supervisor: Any,
+    make_key: MakeKey,
+    tmp_path: Path,
+) -> None:
+    async def slow(request: web.BaseRequest) -> web.Response:
+        await asyncio.sleep(1.0)
+        return web.Response(text="finished")
+
+    port, admin = free_port(), free_port()
+    config = {
+        "listen": f"{LOOPBACK}:{port}",
+        "admin_listen": f"{LOOPBACK}:{admin}",
+        "redis": {"url": redis_url, "key_prefix": key_prefix},
+        "log": {"level": "warning", "access": False},
+        "shutdown_timeout": 10,
+        "upstreams": {"slow": {"url": f"http://{LOOPBACK}:{await serve_app(slow)}"}},
+        "routes": [{"name": "slow", "prefix": "/slow", "upstream": "slow"}],
+    }
+    process = supervisor(write_config(tmp_path / "gw.yaml", config), 2)
+    await asyncio.to_thread(_wait, lambda: _ready(admin) and len(_children(process.pid)) == 2)
+    workers = _children(process.pid)
+    await asyncio.to_thread(_wait, lambda: all(_listens(w, port) for w in workers))
+    issued = await make_key()
+    async with aiohttp.ClientSession() as http:
+
+        async def one() -> tuple[int, str]:
+            async with http.get(
+                f"http://{LOOPBACK}:{port}/slow", headers=bearer(issued.secret)
+            ) as r:
+                return r.status, await r.text()
+
+        in_flight = [asyncio.create_task(one()) for _ in range(6)]
+        await asyncio.sleep(0.3)  # every request has reached a worker and the upstream
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.gather(*in_flight) == [(200, "finished")] * 6
+    assert await asyncio.to_thread(process.wait, 30) == 0
+    assert time.monotonic() - started < 10  # not the deadline: they finished, then exited
