@@ -10,7 +10,8 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,20 +60,41 @@ def _listens(pid: int, port: int) -> bool:
         return False
 
 
+@dataclass
+class Workers:
+    process: subprocess.Popen[bytes]  # the supervisor
+    port: int
+    admin: int
+    pids: set[int]  # the workers when they were all up
+
+
 @pytest.fixture
-def supervisor(tmp_path: Path) -> Iterator[Any]:
+def supervisor(
+    tmp_path: Path, redis_url: str, key_prefix: str, redis: object
+) -> Iterator[Callable[..., Awaitable[Workers]]]:
+    """``await supervisor(upstream_url, **config)``: ``keygate serve --workers 2`` with one
+    route ``/up`` to ``upstream_url``, on the test's Redis and key prefix, once both workers
+    listen. (``redis``: its teardown deletes the test's keys after the processes stop.)"""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(config: Path, workers: int) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            [*KEYGATE, "serve", "--config", str(config), "--workers", str(workers)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=(tmp_path / "serve.err").open("wb"),
-            env=clean_env(),
-        )
+    async def start(upstream_url: str, **extra: Any) -> Workers:
+        port, admin = free_port(), free_port()
+        config = {
+            "listen": f"{LOOPBACK}:{port}",
+            "admin_listen": f"{LOOPBACK}:{admin}",
+            "redis": {"url": redis_url, "key_prefix": key_prefix},
+            "log": {"level": "warning", "access": False},
+            "upstreams": {"up": {"url": upstream_url}},
+            "routes": [{"name": "up", "prefix": "/up", "upstream": "up"}],
+            **extra,
+        }
+        path = write_config(tmp_path / "gw.yaml", config)
+        process = _spawn(path, tmp_path / "serve.err")
         started.append(process)
-        return process
+        await asyncio.to_thread(_wait, lambda: _ready(admin) and len(_children(process.pid)) == 2)
+        pids = _children(process.pid)
+        await asyncio.to_thread(_wait, lambda: all(_listens(w, port) for w in pids))
+        return Workers(process, port, admin, pids)
 
     yield start
     for process in started:
@@ -82,6 +104,16 @@ def supervisor(tmp_path: Path) -> Iterator[Any]:
         for child in _children(process.pid):  # orphans, if the supervisor was killed
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
+
+
+def _spawn(config: Path, errors: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*KEYGATE, "serve", "--config", str(config), "--workers", "2"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=errors.open("wb"),
+        env=clean_env(),
+    )
 
 
 def _wait(predicate: Any, timeout: float = 20.0) -> None:
@@ -101,30 +133,18 @@ def _ready(admin: int) -> bool:
 
 
 async def test_workers_share_the_port_add_up_and_are_replaced(
-    redis_url: str,
-    key_prefix: str,
-    redis: object,  # its teardown deletes the test's keys after the processes stop
-    serve_app: ServeApp,
-    supervisor: Any,
-    make_key: MakeKey,
-    tmp_path: Path,
+    serve_app: ServeApp, supervisor: Callable[..., Awaitable[Workers]], make_key: MakeKey
 ) -> None:
     async def hello(request: web.BaseRequest) -> web.Response:
         return web.Response(text="hi")
 
-    port, admin = free_port(), free_port()
-    config = {
-        "listen": f"{LOOPBACK}:{port}",
-        "admin_listen": f"{LOOPBACK}:{admin}",
-        "redis": {"url": redis_url, "key_prefix": key_prefix},
-        "log": {"level": "warning", "access": False},
-        "upstreams": {"hello": {"url": f"http://{LOOPBACK}:{await serve_app(hello)}"}},
-        "routes": [{"name": "hello", "prefix": "/hello", "upstream": "hello"}],
-    }
-    process = supervisor(write_config(tmp_path / "gw.yaml", config), 2)
-    await asyncio.to_thread(_wait, lambda: _ready(admin) and len(_children(process.pid)) == 2)
-    workers = _children(process.pid)
-    await asyncio.to_thread(_wait, lambda: all(_listens(w, port) for w in workers))
+    started = await supervisor(f"http://{LOOPBACK}:{await serve_app(hello)}")
+    process, port, admin, workers = (
+        started.process,
+        started.port,
+        started.admin,
+        started.pids,
+    )
     assert all(_listens(w, admin) for w in workers)
 
     issued = await make_key()
@@ -133,9 +153,7 @@ async def test_workers_share_the_port_add_up_and_are_replaced(
     async with aiohttp.ClientSession(connector=connector) as http:
 
         async def hit() -> int:
-            async with http.get(
-                f"http://{LOOPBACK}:{port}/hello", headers=bearer(issued.secret)
-            ) as r:
+            async with http.get(f"http://{LOOPBACK}:{port}/up", headers=bearer(issued.secret)) as r:
                 await r.read()
                 return r.status
 
@@ -146,10 +164,7 @@ async def test_workers_share_the_port_add_up_and_are_replaced(
                 text = await r.text()
             for family in text_string_to_metric_families(text):
                 for sample in family.samples:
-                    if (
-                        sample.name == "keygate_requests_total"
-                        and sample.labels["route"] == "hello"
-                    ):
+                    if sample.name == "keygate_requests_total" and sample.labels["route"] == "up":
                         return sample.value
             return 0.0
 
@@ -174,39 +189,19 @@ async def test_workers_share_the_port_add_up_and_are_replaced(
 
 
 async def test_sigterm_lets_requests_in_flight_finish(
-    redis_url: str,
-    key_prefix: str,
-    redis: object,
-    serve_app: ServeApp,
-    supervisor: Any,
-    make_key: MakeKey,
-    tmp_path: Path,
+    serve_app: ServeApp, supervisor: Callable[..., Awaitable[Workers]], make_key: MakeKey
 ) -> None:
     async def slow(request: web.BaseRequest) -> web.Response:
         await asyncio.sleep(1.0)
         return web.Response(text="finished")
 
-    port, admin = free_port(), free_port()
-    config = {
-        "listen": f"{LOOPBACK}:{port}",
-        "admin_listen": f"{LOOPBACK}:{admin}",
-        "redis": {"url": redis_url, "key_prefix": key_prefix},
-        "log": {"level": "warning", "access": False},
-        "shutdown_timeout": 10,
-        "upstreams": {"slow": {"url": f"http://{LOOPBACK}:{await serve_app(slow)}"}},
-        "routes": [{"name": "slow", "prefix": "/slow", "upstream": "slow"}],
-    }
-    process = supervisor(write_config(tmp_path / "gw.yaml", config), 2)
-    await asyncio.to_thread(_wait, lambda: _ready(admin) and len(_children(process.pid)) == 2)
-    workers = _children(process.pid)
-    await asyncio.to_thread(_wait, lambda: all(_listens(w, port) for w in workers))
+    started = await supervisor(f"http://{LOOPBACK}:{await serve_app(slow)}", shutdown_timeout=10)
+    process, port = started.process, started.port
     issued = await make_key()
     async with aiohttp.ClientSession() as http:
 
         async def one() -> tuple[int, str]:
-            async with http.get(
-                f"http://{LOOPBACK}:{port}/slow", headers=bearer(issued.secret)
-            ) as r:
+            async with http.get(f"http://{LOOPBACK}:{port}/up", headers=bearer(issued.secret)) as r:
                 return r.status, await r.text()
 
         in_flight = [asyncio.create_task(one()) for _ in range(6)]
