@@ -37,7 +37,7 @@ def server_binary() -> Path:
     return path
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # If keygate is killed outright, the kernel stops the server too: no orphan holds the
     # data_dir. Runs in the child between fork and exec.
     with contextlib.suppress(OSError, AttributeError):
@@ -146,7 +146,7 @@ class EmbeddedRedis:
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches keygate, which stops the server in order
             pass_fds=(self._lock_fd,) if self._lock_fd is not None else (),  # see _lock
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:

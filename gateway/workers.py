@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from gateway.config.model import Settings
+from gateway.embedded import die_with_parent
 
 log = logging.getLogger("keygate")
 
@@ -106,7 +107,8 @@ class Supervisor:
             # The supervisor's Redis: the embedded one it started, or the configured URL.
             "KEYGATE_REDIS_URL": self.redis_url,
         }
-        return await asyncio.create_subprocess_exec(*argv, env=env)
+        # A supervisor killed outright takes its workers with it (no orphans on the ports).
+        return await asyncio.create_subprocess_exec(*argv, env=env, preexec_fn=die_with_parent)
 
     async def _stop_all(self) -> None:
         """SIGTERM every worker; SIGKILL those still running after the deadline."""

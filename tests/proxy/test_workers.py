@@ -98,12 +98,13 @@ def supervisor(
 
     yield start
     for process in started:
+        workers = _children(process.pid)  # before the supervisor goes: then they are init's
         if process.poll() is None:
             process.kill()
             process.wait()
-        for child in _children(process.pid):  # orphans, if the supervisor was killed
+        for worker in workers:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
+                os.kill(worker, signal.SIGKILL)
 
 
 def _spawn(config: Path, errors: Path) -> subprocess.Popen[bytes]:
@@ -211,3 +212,19 @@ async def test_sigterm_lets_requests_in_flight_finish(
         assert await asyncio.gather(*in_flight) == [(200, "finished")] * 6
     assert await asyncio.to_thread(process.wait, 30) == 0
     assert time.monotonic() - started < 10  # not the deadline: they finished, then exited
+
+
+async def test_a_supervisor_killed_outright_takes_its_workers_with_it(
+    serve_app: ServeApp, supervisor: Callable[..., Awaitable[Workers]]
+) -> None:
+    async def hello(request: web.BaseRequest) -> web.Response:
+        return web.Response(text="hi")
+
+    started = await supervisor(f"http://{LOOPBACK}:{await serve_app(hello)}")
+    started.process.kill()
+    started.process.wait()
+
+    def gone() -> bool:
+        return not any(Path(f"/proc/{pid}").exists() for pid in started.pids)
+
+    await asyncio.to_thread(_wait, gone)
