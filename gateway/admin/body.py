@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.bodies import read_capped
 from gateway.errors import Outcome, problem
 
 from .caller import Denied
@@ -68,14 +69,10 @@ def _has_lone_surrogate(value: Any) -> bool:
 
 async def _read_capped(request: web.Request, limit: int) -> bytes:
     """The whole body, refusing (413) as soon as it grows past ``limit`` (chunked too)."""
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await request.content.read(65_536):
-        size += len(chunk)
-        if size > limit:
-            raise Denied(problem(Outcome.PAYLOAD_TOO_LARGE, f"the body exceeds {limit} bytes"))
-        parts.append(chunk)
-    return b"".join(parts)
+    raw = await read_capped(request.content, limit)
+    if raw is None:
+        raise Denied(problem(Outcome.PAYLOAD_TOO_LARGE, f"the body exceeds {limit} bytes"))
+    return raw
 
 
 def _reject_constant(name: str) -> Any:

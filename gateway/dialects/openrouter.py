@@ -23,6 +23,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
+from gateway.bodies import read_capped
 from gateway.dialects.base import VIEW, Call, DialectSpec, Endpoint, Handler, json_response
 from gateway.dialects.listing import window
 from gateway.policies.scopes import grants, is_privileged
@@ -182,13 +183,8 @@ async def _body(call: Call, allowed: set[str]) -> dict[str, Any]:
     request = call.request
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise Refused(413, f"the body exceeds {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
-    while len(raw) <= MAX_BODY and not request.content.at_eof():
-        chunk = await request.content.read(MAX_BODY + 1 - len(raw))
-        if not chunk:
-            break
-        raw += chunk
-    if len(raw) > MAX_BODY:
+    raw = await read_capped(request.content, MAX_BODY)
+    if raw is None:
         raise Refused(413, f"the body exceeds {MAX_BODY} bytes")
     try:
         body = json.loads(raw or b"{}")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from gateway.bodies import read_capped
 from gateway.credentials import extract
 from gateway.errors import Outcome, problem
 from gateway.policies import ratelimit
@@ -207,12 +208,8 @@ async def _resource_from_body(ctx: RequestContext) -> str | web.Response:
     assert ctx.match is not None and ctx.match.route.resource is not None
     rule = ctx.match.route.resource
     assert rule.json is not None
-    body = await ctx.request.content.read(rule.max_body_bytes + 1)
-    while len(body) <= rule.max_body_bytes and (
-        more := await ctx.request.content.read(rule.max_body_bytes + 1 - len(body))
-    ):
-        body += more
-    if len(body) > rule.max_body_bytes:
+    body = await read_capped(ctx.request.content, rule.max_body_bytes)
+    if body is None:
         return deny(
             ctx,
             Outcome.PAYLOAD_TOO_LARGE,
