@@ -33,14 +33,9 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 import gateway
-from gateway.errors import Outcome
 from gateway.store.record import MICRO
 
 METHODS: Final = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
-STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
-OUTCOMES: Final = tuple(o.value for o in Outcome)
-UPSTREAM_ERRORS: Final = ("connect", "timeout", "closed", "invalid")
-REDIS_CALLS: Final = ("authorize", "settle")
 NO_ROUTE = "none"
 OWN_KEY = "own_key"
 OTHER = "other"

@@ -67,8 +67,8 @@ class Settlements:
     def __init__(self, authorizer: KeyAuthorizer, metrics: Metrics) -> None:
         self.authorizer = authorizer
         self.metrics = metrics
-        self.pending: dict[asyncio.Future[Any], tuple[Any, ...]] = {}  # reply -> command
-        self._sent_at: dict[asyncio.Future[Any], float] = {}  # reply -> when (latency)
+        # reply -> (command, when it was sent; None for a retry, whose latency is not Redis')
+        self.pending: dict[asyncio.Future[Any], tuple[tuple[Any, ...], float | None]] = {}
         self.failed = 0  # settlements given up after retries
         # (record key, usage prefix, UTC day, byok) -> [an instant of that day, delta]
         self._turn: dict[tuple[str, str, int, str], list[int]] = {}
@@ -114,13 +114,11 @@ class Settlements:
             reply = redis.submit(*call)
             if reply is None:  # no connection open: a task connects first
                 reply = asyncio.ensure_future(self._send(call))
-            self.pending[reply] = call
-            self._sent_at[reply] = time.perf_counter()
+            self.pending[reply] = (call, time.perf_counter())
             reply.add_done_callback(self._done)
 
     def _done(self, reply: asyncio.Future[Any]) -> None:
-        call = self.pending.pop(reply)
-        sent_at = self._sent_at.pop(reply, None)
+        call, sent_at = self.pending.pop(reply)
         if reply.cancelled():
             return
         if reply.exception() is None:
@@ -131,7 +129,7 @@ class Settlements:
         error = reply.exception()
         if isinstance(error, NoScriptError):  # not run: the server lost its scripts
             retry = asyncio.ensure_future(self._send(call))
-            self.pending[retry] = call
+            self.pending[retry] = (call, None)
             retry.add_done_callback(self._done)
         else:
             self._lost(call, error)
