@@ -9,8 +9,8 @@ from gateway.proxy import steps
 from gateway.proxy.authorize import KeyAuthorizer
 from gateway.proxy.service import Proxy
 from gateway.proxy.steps import Step
+from gateway.store.cluster_multiplex import Multiplexer
 from gateway.store.keystore import KeyStore
-from gateway.store.multiplex import RedisMultiplexer
 from gateway.store.names import KeyNames
 from gateway.usage.periods import ClockOverride, server_clock
 
@@ -27,7 +27,7 @@ PROXY_CHAIN: tuple[Step, ...] = (
 
 def build_proxy(
     settings: Settings,
-    redis: RedisMultiplexer,
+    redis: Multiplexer,
     clock: ClockOverride = server_clock,
     store: KeyStore | None = None,
 ) -> Proxy:

@@ -127,6 +127,12 @@ class Metrics:
             "(redis.on_error: fail_open only).",
             registry=r,
         )
+        self.redis_unreplicated = Counter(
+            "keygate_redis_unreplicated_batches",
+            "Batches of Redis commands that fewer replicas than redis.replica_acks confirmed "
+            "within redis.replica_ack_timeout (a failover then could lose them).",
+            registry=r,
+        )
         self.settlements_lost = Counter(
             "keygate_settlements_lost",
             "Cost settlements given up after retries (the reservation stays as the charge).",

@@ -15,8 +15,8 @@ from gateway.admin.app import build_admin_app
 from gateway.app import build_proxy, proxy_server
 from gateway.config.model import Address, Settings
 from gateway.runtime import open_store
+from gateway.store.cluster_multiplex import multiplexer_for
 from gateway.store.keystore import KeyStore
-from gateway.store.multiplex import RedisMultiplexer
 
 log = logging.getLogger("keygate")
 
@@ -34,11 +34,7 @@ async def serve(
     ``on_ready`` runs once both listeners accept connections (the demo prints its help).
     """
     async with open_store(settings, url) as store:
-        multiplexer = RedisMultiplexer(
-            url,
-            connect_timeout=settings.redis.connect_timeout,
-            socket_timeout=settings.redis.socket_timeout,
-        )
+        multiplexer = multiplexer_for(settings.redis, url)
         proxy = build_proxy(settings, multiplexer, store=store)
         await proxy.start()
         grace = settings.shutdown_timeout  # for requests in flight when stopping

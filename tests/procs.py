@@ -33,6 +33,22 @@ _SCRIPT = Path(sys.executable).with_name("keygate")
 KEYGATE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "gateway"]
 
 
+def sync_redis_client(url: str, **options: Any) -> redis.Redis | redis.RedisCluster:
+    """A blocking redis-py client for a test server's URL: one server or a Cluster."""
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        host, _, port = url.split("://", 1)[1].split(",")[0].rpartition(":")
+        return redis.RedisCluster(host=host, port=int(port), **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def delete_prefixed(url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` (a test's own), on every node of a Cluster too."""
+    with sync_redis_client(url) as client:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:  # redis-py splits a Cluster's DEL by slot
+            client.delete(*keys)
+
+
 def clean_env() -> dict[str, str]:
     """This process's environment without KEYGATE_* overrides (they would change configs)."""
     return {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}

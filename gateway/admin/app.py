@@ -6,11 +6,11 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from gateway.config.model import Settings
 from gateway.errors import Outcome, problem
 from gateway.metrics import Metrics
+from gateway.store.connection import STORE_ERRORS
 from gateway.store.keystore import KeyStore
 
 from . import health, keys, metrics_endpoint
@@ -42,7 +42,7 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         outcome = _HTTP_OUTCOMES.get(exc.status, Outcome.INVALID_REQUEST)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return problem(outcome, exc.reason, headers=headers)
-    except (RedisError, OSError) as exc:
+    except STORE_ERRORS as exc:
         log.warning(
             "key store error on %s %s: %s", request.method, request.path, type(exc).__name__
         )

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
+from gateway.store.connection import STORE_ERRORS
 from gateway.store.keystore import KeyStore
 
 from .context import SETTINGS, STORE
@@ -57,7 +57,7 @@ async def _reload(store: KeyStore, per_call: float) -> None:
     try:
         async with asyncio.timeout(per_call * len(store.scripts.__slots__)):
             await store.scripts.load()
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (*STORE_ERRORS, TimeoutError) as exc:
         log.warning("reloading the store's scripts failed: %s", type(exc).__name__)
 
 
@@ -73,7 +73,7 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(timeout):
             loaded = await store.client.script_exists(*shas)
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (*STORE_ERRORS, TimeoutError) as exc:
         log.warning("readiness: redis unreachable (%s)", type(exc).__name__)
         return _unavailable(REDIS_UNREACHABLE)
     if not all(loaded):

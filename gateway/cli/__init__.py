@@ -9,13 +9,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load
 from gateway.config.reader import redact_url
 from gateway.demo import command as demo
 from gateway.embedded import EmbeddedError
+from gateway.store.connection import describe
 
 from . import keys
 
@@ -117,8 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except keys.CommandError as exc:  # raised before a command reaches the store
         print(f"keygate: {exc}", file=sys.stderr)
         return exc.code
-    except RedisError as exc:
-        print(f"keygate: Redis failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except (RedisError, RedisClusterException) as exc:
+        print(f"keygate: Redis failed: {describe(exc)}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. a listener's address already in use
         print(f"keygate: {exc.strerror or exc}", file=sys.stderr)

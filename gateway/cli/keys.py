@@ -10,10 +10,11 @@ import time
 import uuid
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway import runtime
 from gateway.store import input as key_input
+from gateway.store.connection import describe
 from gateway.store.keystore import BadCursor, Issued, KeyExists, KeyStore
 from gateway.store.record import KEY_TYPES, KeyRecord
 
@@ -203,8 +204,8 @@ def _run(args: argparse.Namespace, action: Any) -> int:
         try:  # around open_store too: an unreachable server is one line, not a traceback
             async with runtime.open_store(settings, url) as store:
                 return int(await action(store, settings))
-        except RedisError as exc:
-            raise CommandError(f"the key store failed: {type(exc).__name__}: {exc}") from None
+        except (RedisError, RedisClusterException) as exc:
+            raise CommandError(f"the key store failed: {describe(exc)}") from None
 
     try:
         return runtime.with_redis(settings, task, attach=True)

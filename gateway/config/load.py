@@ -39,6 +39,7 @@ from gateway.config.model import (
     Upstream,
 )
 from gateway.config.reader import Reader, parse_address, redact_url, scheme_of, split_url
+from gateway.store.topology import SCHEMES, parse_target
 
 T = TypeVar("T")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -55,22 +56,22 @@ class ConfigError(Exception):
 def _redis(r: Reader, raw: Mapping[str, Any], base: Path) -> RedisSettings:
     s = r.section(raw, "redis", "", SECTION_KEYS["redis"])
     url = r.get(s, "url", "redis", str, "embedded")
-    if url != "embedded" and scheme_of(url) not in (
-        "redis",
-        "rediss",
-        "unix",
-        "redis+sentinel",
-        "rediss+sentinel",
-    ):
+    if url != "embedded" and scheme_of(url) not in SCHEMES:
         r.fail(
             "redis.url",
-            f"must be 'embedded' or a redis://, rediss://, unix:// URL (got {redact_url(url)!r})",
+            "must be 'embedded' or a redis://, rediss://, unix://, redis+sentinel:// or "
+            f"redis+cluster:// URL (got {redact_url(url)!r})",
         )
     data_dir = Path(r.get(s, "data_dir", "redis", str, ".keygate"))
     prefix = r.get(s, "key_prefix", "redis", str, "kg:")
     if not prefix or "{" in prefix or "}" in prefix:
         r.fail("redis.key_prefix", "must be non-empty and hold no '{' or '}' (they are hash tags)")
-    return RedisSettings(
+
+    def file(key: str) -> Path | None:  # relative to the config file, as data_dir
+        value = r.get(s, key, "redis", str, "")
+        return base / value if value else None
+
+    settings = RedisSettings(
         url=url,
         data_dir=data_dir if data_dir.is_absolute() else base / data_dir,
         key_prefix=prefix,
@@ -79,7 +80,29 @@ def _redis(r: Reader, raw: Mapping[str, Any], base: Path) -> RedisSettings:
         ),
         connect_timeout=r.number(s, "connect_timeout", "redis", 1.0, open_low=True),
         socket_timeout=r.number(s, "socket_timeout", "redis", 2.0, open_low=True),
+        cluster=r.get(s, "cluster", "redis", bool, False),
+        username=r.get(s, "username", "redis", str, "") or None,
+        password=r.get(s, "password", "redis", str, "") or None,
+        tls_ca_file=file("tls_ca_file"),
+        tls_cert_file=file("tls_cert_file"),
+        tls_key_file=file("tls_key_file"),
+        tls_check_hostname=r.get(s, "tls_check_hostname", "redis", bool, True),
+        replica_acks=r.integer(s, "replica_acks", "redis", 0, low=0),
+        replica_ack_timeout=r.number(s, "replica_ack_timeout", "redis", 0.5, open_low=True),
     )
+    if url != "embedded" and scheme_of(url) in SCHEMES:
+        try:
+            parse_target(url, settings)
+        except ValueError as exc:
+            r.fail("redis.url", f"{exc} (got {redact_url(url)!r})")
+    elif url == "embedded" and settings.cluster:
+        r.fail("redis.cluster", "the embedded server is not a cluster: set redis.url")
+    if settings.replica_acks and settings.replica_ack_timeout >= settings.socket_timeout:
+        # A reply waits for WAIT: past socket_timeout the connection is presumed dead.
+        r.fail("redis.replica_ack_timeout", "must be less than redis.socket_timeout")
+    if settings.tls_key_file and not settings.tls_cert_file:
+        r.fail("redis.tls_key_file", "needs redis.tls_cert_file (the certificate it belongs to)")
+    return settings
 
 
 def _keys(r: Reader, raw: Mapping[str, Any]) -> KeySettings:

@@ -29,12 +29,23 @@ DEFAULT_ADMIN_LISTEN = Address("127.0.0.1", 8081)  # management stays on this ma
 
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
-    url: str = "embedded"
+    url: str = field(default="embedded", repr=False)  # may carry a password
     data_dir: Path = Path(".keygate")
     key_prefix: str = "kg:"
     on_error: OnError = "fail_closed"
     connect_timeout: float = 1.0
     socket_timeout: float = 2.0
+    cluster: bool = False  # a redis:// URL's host is a Redis Cluster seed
+    username: str | None = None  # ACL user; overrides the URL's
+    password: str | None = field(default=None, repr=False)  # overrides the URL's
+    tls_ca_file: Path | None = None  # rediss://: the CA that signed the server's certificate
+    tls_cert_file: Path | None = None  # rediss://: a client certificate (mutual TLS)
+    tls_key_file: Path | None = None
+    tls_check_hostname: bool = True
+    # WAIT for this many replicas to have each write before acknowledging it, so that a
+    # Sentinel failover cannot lose a charge the proxy already acted on (0: do not wait).
+    replica_acks: int = 0
+    replica_ack_timeout: float = 0.5
 
     @property
     def embedded(self) -> bool:

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from gateway.config.model import DIALECTS, Settings
 from gateway.credentials import extract
@@ -21,6 +20,7 @@ from gateway.dialects.base import Call, DialectSpec, Endpoint
 from gateway.errors import Outcome
 from gateway.policies.scopes import grants
 from gateway.proxy.routing import Match, Router
+from gateway.store.connection import STORE_ERRORS
 
 if TYPE_CHECKING:
     from gateway.store.keystore import KeyStore
@@ -111,7 +111,7 @@ async def serve(
         return spec.error(status, credential.outcome.value, credential.detail)
     try:
         auth = await store.authenticate(credential.secret)
-    except (RedisError, OSError) as exc:
+    except STORE_ERRORS as exc:
         log.warning("key store unavailable: %s", type(exc).__name__)
         return spec.error(503, Outcome.STORE_ERROR.value, "the key store is unavailable")
     if auth.status != "ok" or auth.record is None:
@@ -123,6 +123,6 @@ async def serve(
     call = Call(request, auth.record, auth.now_ms, store, settings, params)
     try:
         return await endpoint.handler(call)
-    except (RedisError, OSError) as exc:
+    except STORE_ERRORS as exc:
         log.warning("key store unavailable: %s", type(exc).__name__)
         return spec.error(503, Outcome.STORE_ERROR.value, "the key store is unavailable")

@@ -18,7 +18,8 @@ from typing import Any, NamedTuple
 
 from gateway.policies.limits import RoutePolicy
 from gateway.proxy.context import KeyIdentity
-from gateway.store.multiplex import LuaScript, RedisMultiplexer
+from gateway.store.cluster_multiplex import Multiplexer
+from gateway.store.multiplex import LuaScript
 from gateway.store.names import KeyNames
 from gateway.store.scripts import script_source
 from gateway.store.secrets import has_bad_checksum
@@ -119,7 +120,7 @@ def _text(value: Any) -> str:
 class KeyAuthorizer:
     def __init__(
         self,
-        redis: RedisMultiplexer,
+        redis: Multiplexer,
         names: KeyNames,
         cache_size: int,
         secret_prefix: str,

@@ -11,12 +11,12 @@ import json
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from gateway.credentials import extract
 from gateway.errors import Outcome, problem
 from gateway.proxy.headers import REQUEST_ID
 from gateway.proxy.steps import KEY_DENIALS
+from gateway.store.connection import STORE_ERRORS
 from gateway.usage.report import UsageReport
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ async def _answer(proxy: Proxy, request: web.BaseRequest) -> web.Response:
         return problem(found.outcome, found.detail)
     try:
         reply = await proxy.authorizer.report(found.secret)
-    except (RedisError, OSError):
+    except STORE_ERRORS:
         return problem(Outcome.STORE_ERROR, "the key store is unavailable; retry shortly")
     if reply is None:
         return problem(*KEY_DENIALS["not_found"])

@@ -11,7 +11,6 @@ from collections.abc import Iterable, Sequence
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from redis.exceptions import RedisError
 
 from gateway.access_log import AccessLog
 from gateway.config.model import Settings, Upstream
@@ -33,6 +32,7 @@ from gateway.proxy.settle import Settlements
 from gateway.proxy.steps import Step
 from gateway.proxy.upstream_http import UpstreamPool
 from gateway.proxy.websocket import is_upgrade, proxy_websocket
+from gateway.store.connection import STORE_ERRORS
 from gateway.store.keystore import KeyStore
 
 log = logging.getLogger("keygate.proxy")
@@ -104,6 +104,7 @@ class Proxy:
         self._closing = False
         authorizer.abandoned = self.settlements.release
         authorizer.timed = self.metrics.authorize_duration.observe
+        authorizer.redis.on_unreplicated = self.metrics.redis_unreplicated.inc
         self.access_log = AccessLog.from_settings(settings)  # None when switched off
 
     async def start(self) -> None:
@@ -121,7 +122,7 @@ class Proxy:
         while not self._closing:
             try:
                 await self.refresh_key_counts()
-            except (RedisError, OSError) as exc:
+            except STORE_ERRORS as exc:
                 if self._closing:
                     return
                 log.warning("counting keys per workspace failed: %s", type(exc).__name__)

@@ -18,10 +18,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from gateway.proxy.authorize import HELD, SETTLE
 from gateway.proxy.context import RequestContext
+from gateway.store.connection import STORE_ERRORS
 from gateway.usage.periods import DAY_MS, day_hint
 
 if TYPE_CHECKING:
@@ -145,13 +146,13 @@ class Settlements:
                 await asyncio.sleep(0.05 * 2**attempt)
             try:
                 await redis.connect()
-            except (RedisError, OSError) as exc:
+            except STORE_ERRORS as exc:
                 error = exc
                 continue  # nothing was sent
             try:
                 await redis.evalsha(SETTLE, call[3 : 3 + call[2]], call[3 + call[2] :])
                 return
-            except (RedisError, OSError) as exc:
+            except STORE_ERRORS as exc:
                 error = exc
                 break
         self._lost(call, error)

@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from gateway.bodies import read_capped
 from gateway.credentials import extract
@@ -21,6 +20,7 @@ from gateway.proxy.authorize import BlockedCap, Decision
 from gateway.proxy.context import RequestContext
 from gateway.proxy.paths import BadPath, is_plain, normalize
 from gateway.proxy.routing import MethodNotAllowed
+from gateway.store.connection import STORE_ERRORS
 from gateway.store.record import from_micro, rfc3339
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ async def authorize_key(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse
             decision = await proxy.authorizer.authorize(
                 ctx.secret, policy, ctx.request.method, resource
             )
-    except (RedisError, OSError) as exc:
+    except STORE_ERRORS as exc:
         metrics.redis_errors.labels("authorize").inc()
         if proxy.settings.redis.on_error == "fail_open":
             metrics.fail_open.inc()

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import builtins
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from gateway.store import secrets
+from gateway.store.connection import StoreClient
 from gateway.store.names import KeyNames
-from gateway.store.record import KeyRecord, decode, encode_fields, pairs_to_dict
+from gateway.store.record import KeyRecord, decode, encode_fields, index_member, pairs_to_dict
 from gateway.store.scripts import Scripts
+from gateway.store.slots import id_in_slot, key_slot, secret_in_slot
 from gateway.usage.periods import ClockOverride, server_clock
 from gateway.usage.report import UsageReport
 
@@ -24,6 +27,7 @@ AuthStatus = Literal["ok", "not_found", "disabled", "expired"]
 _MEMBER = re.compile(r"^\d{15}:[0-9a-f-]{36}$")
 # The stored fields whose change re-bases the spending caps (update.lua).
 CAP_FIELDS = frozenset({"limit_micro", "limit_reset", "include_byok_in_limit", "spend_caps"})
+_CONCURRENT_CALLS = 32  # per batch of script calls on a Cluster (listing reports)
 _RETRIES = 5  # optimistic retries when a concurrent rotation changes the hash under us
 
 
@@ -73,7 +77,7 @@ def decode_cursor(cursor: str) -> str:
 class KeyStore:
     def __init__(
         self,
-        client: Redis,
+        client: StoreClient,
         names: KeyNames,
         secret_prefix: str,
         clock: ClockOverride = server_clock,
@@ -106,7 +110,8 @@ class KeyStore:
             "disabled": False,
             "include_byok_in_limit": False,
             **values,
-            "id": str(uuid.uuid4()),
+            # In the lookup's Cluster slot: one script creates both (slots.py).
+            "id": id_in_slot(key_slot(self.names.by_hash(digest))),
             "hash": digest,
             "prefix": secrets.display_prefix(secret) if secret else "",
             "label": secrets.label(secret) if secret else secrets.label_for_hash(digest),
@@ -115,21 +120,33 @@ class KeyStore:
         encoded = encode_fields(fields)
         flat = [item for pair in encoded.items() for item in pair]
         key_id = encoded["id"]
-        now = await self.scripts.create(
-            keys=[
-                self.names.by_hash(digest),
-                self.names.record(key_id),
-                self.names.workspace_index(encoded["workspace_id"]),
-                self.names.org_index(),
-            ],
-            args=[key_id, *flat],
+        # The listing indexes live on other slots than the key, so they are written first:
+        # a member whose record never comes is skipped by listings. Their order is the
+        # creation instant, which the record then carries too.
+        now = await self.server_time_ms()
+        member = index_member(now, key_id)
+        indexes = (self.names.workspace_index(encoded["workspace_id"]), self.names.org_index())
+        await self._index(indexes, member, add=True)
+        created = await self.scripts.create(
+            keys=[self.names.by_hash(digest), self.names.record(key_id)],
+            args=[key_id, now, *flat],
         )
-        if now == -1:
-            raise KeyExists("a key with this secret already exists")
-        if now == -2:  # a UUID4 collision: astronomically unlikely, but never overwrite
-            raise KeyExists("key id collision")
+        if created != 1:
+            await self._index(indexes, member, add=False)
+            if created == -1:
+                raise KeyExists("a key with this secret already exists")
+            raise KeyExists("key id collision")  # never overwrite, however unlikely
         record = decode({**encoded, "created_at": str(now), "updated_at": str(now)})
         return Issued(record, secret if generated else None)
+
+    async def _index(self, indexes: Sequence[str], member: str, *, add: bool) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for index in indexes:
+                if add:
+                    pipe.zadd(index, {member: 0})
+                else:
+                    pipe.zrem(index, member)
+            await pipe.execute()
 
     async def get(self, key_id: str, workspace_id: str | None = None) -> KeyRecord | None:
         """The record, or None when there is none (or it belongs to another workspace)."""
@@ -236,18 +253,40 @@ class KeyStore:
         """Reports for many keys in one pipelined round trip (revoked ones are left out)."""
         if not key_ids:
             return {}
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key_id in key_ids:
-                await self.scripts.report(
-                    keys=self._report_keys(key_id), args=["", self.clock()], client=pipe
-                )
-            replies = await pipe.execute()
+        replies = await self._report_replies(key_ids)
         found = {}
         for key_id, reply in zip(key_ids, replies, strict=True):
             report = self._parse_report(reply, None)[1]
             if report is not None:
                 found[key_id] = report
         return found
+
+    async def _report_replies(self, key_ids: Sequence[str]) -> builtins.list[Any]:
+        """report.lua for each key: one pipelined round trip on one server; on a Cluster
+        (whose redis-py pipelines refuse scripts) concurrent calls, routed by slot."""
+        args = ["", self.clock()]
+        if isinstance(self.client, RedisCluster):
+            replies: builtins.list[Any] = []
+            for start in range(0, len(key_ids), _CONCURRENT_CALLS):
+                chunk = key_ids[start : start + _CONCURRENT_CALLS]
+                replies += await asyncio.gather(
+                    *(self.scripts.report(keys=self._report_keys(k), args=args) for k in chunk)
+                )
+            return replies
+        script = self.scripts.report
+        for attempt in range(2):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key_id in key_ids:
+                    keys = self._report_keys(key_id)
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                replies = await pipe.execute(raise_on_error=False)
+            if attempt or not any(isinstance(r, NoScriptError) for r in replies):
+                break
+            await self.scripts.load()  # the server lost its script cache (a restart)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def _report_keys(self, key_id: str) -> builtins.list[str]:
         names = self.names
@@ -277,16 +316,17 @@ class KeyStore:
                     names.record(key_id),
                     names.by_hash(record.hash),
                     names.by_hash(record.grace_hash or record.hash),
-                    names.workspace_index(record.workspace_id),
-                    names.org_index(),
                     names.rate(key_id),
                     names.usage(key_id, "t"),
                     names.usage(key_id, "bt"),
                 ],
-                args=[record.hash, record.index_member()],
+                args=[record.hash],
             )
-            if result != -1:
-                return bool(result == 1)
+            if result == -1:
+                continue
+            indexes = (names.workspace_index(record.workspace_id), names.org_index())
+            await self._index(indexes, record.index_member(), add=False)
+            return bool(result == 1)
         raise RuntimeError("key changed during every revoke attempt")
 
     async def rotate(
@@ -297,9 +337,13 @@ class KeyStore:
             record = await self.get(key_id, workspace_id)
             if record is None:
                 return None
-            secret = secrets.generate(self.secret_prefix)
-            digest = secrets.hash_secret(secret)
             names = self.names
+            # Its lookup in the record's Cluster slot: one script swaps them (slots.py).
+            slot = key_slot(names.record(key_id))
+            secret = await asyncio.to_thread(
+                secret_in_slot, self.secret_prefix, slot, names.by_hash("")
+            )
+            digest = secrets.hash_secret(secret)
             reply = await self.scripts.rotate(
                 keys=[
                     names.record(key_id),

@@ -29,19 +29,23 @@ import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 from redis._parsers.base import BaseParser
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, NoScriptError, RedisError
+from redis.exceptions import DataError, NoScriptError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.config.model import RedisSettings
+from gateway.store.topology import RedisTarget, parse_target
 
 Arg = str | bytes | int | float
 
 # hiredis returns this (instead of False, which RESP3 could mean) when a reply is incomplete.
 _NEED_MORE: Final = object()
 _CLOSE_WAIT = 1.0  # seconds close() waits for the transport to report it is gone
+_ASKING: Final = b"*1\r\n$6\r\nASKING\r\n"
+_NO_PASSWORD: Final = "called without any password configured"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +69,25 @@ class MultiplexStats:
     commands: int = 0  # commands written, connection set-up (AUTH, SELECT) included
     connects: int = 0  # connections established (the first one, then reconnects)
     timeouts: int = 0  # connections closed because a reply was overdue
+    unreplicated: int = 0  # batches that fewer replicas than replica_acks confirmed in time
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaAcks:
+    """WAIT after each batch (redis.replica_acks): for how many replicas, how long."""
+
+    acks: int
+    seconds: float
+    command: bytes = b""  # packed once
+
+    def __post_init__(self) -> None:
+        wait = ("WAIT", self.acks, max(1, round(self.seconds * 1000)))
+        object.__setattr__(self, "command", _pack(wait))
 
 
 @dataclass(frozen=True, slots=True)
 class _Endpoint:
-    """Where to connect and what to send first, parsed once from the URL."""
+    """Where to connect and what to send first."""
 
     host: str
     port: int
@@ -81,53 +99,16 @@ class _Endpoint:
         return f"unix://{self.path}" if self.path else f"{self.host}:{self.port}"
 
 
-def _endpoint(url: str) -> _Endpoint:
-    """Parse ``redis://[user:password@]host:port/db``, ``rediss://...`` or ``unix://path?db=N``.
-
-    TLS options understood in the query: ssl_cert_reqs (none|optional|required),
-    ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_check_hostname. Other redis-py options
-    (socket_timeout, ...) are ignored, so one URL can serve both clients.
-    """
-    parts = urlsplit(url)
-    query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"Redis URL must start with redis://, rediss:// or unix://: {url!r}")
-    path: str | None = None
-    db = query.get("db", "")
-    if parts.scheme == "unix":
-        path = unquote(parts.path)
-    elif parts.path.strip("/"):
-        db = parts.path.strip("/")
-    setup: list[tuple[Arg, ...]] = []
-    if parts.password is not None:
-        password = unquote(parts.password)
-        username = unquote(parts.username or "")
-        setup.append(("AUTH", username, password) if username else ("AUTH", password))
-    if db and int(db) != 0:
-        setup.append(("SELECT", int(db)))
+def endpoint(target: RedisTarget, address: tuple[str, int] | None = None) -> _Endpoint:
+    """The data connection to ``address`` (default: the target's one server)."""
+    host, port = address or (target.hosts[0] if target.hosts else ("localhost", 6379))
     return _Endpoint(
-        host=parts.hostname or "localhost",
-        port=parts.port or 6379,
-        path=path,
-        tls=_tls_context(query) if parts.scheme == "rediss" else None,
-        setup=tuple(setup),
+        host=host,
+        port=port,
+        path=target.path if address is None else None,
+        tls=target.tls.context() if target.tls else None,
+        setup=target.auth_commands(),
     )
-
-
-def _tls_context(query: dict[str, str]) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
-    if query.get("ssl_certfile"):
-        context.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile"))
-    requirement = query.get("ssl_cert_reqs", "required").lower()
-    if requirement == "none":
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    elif requirement == "optional":
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_OPTIONAL
-    if query.get("ssl_check_hostname", "").lower() in ("false", "0", "no"):
-        context.check_hostname = False
-    return context
 
 
 def _pack(args: tuple[Arg, ...]) -> bytes:
@@ -172,6 +153,8 @@ class _Connection(asyncio.Protocol):
         decode: bool,
         stats: MultiplexStats,
         late: _LateReplies,
+        acks: ReplicaAcks | None = None,
+        unreplicated: Callable[[], None] = lambda: None,
     ) -> None:
         self.open = False  # True from connect until the first failure or close
         self._late = late  # a cancelled caller's handler for its reply (see when_cancelled)
@@ -195,6 +178,14 @@ class _Connection(asyncio.Protocol):
         self._sent = 0
         self._answered = 0
         self._watchdog: asyncio.TimerHandle | None = None
+        # With replica_acks: every batch ends with WAIT, and its callers get their replies
+        # only when WAIT answers (each caller's future, with the future its reply fills).
+        # While a WAIT is out, new commands wait for it and then go together: WAITs never
+        # queue up behind each other on the connection.
+        self._acks = acks
+        self._waiting = False
+        self._unreplicated = unreplicated
+        self._held: list[tuple[asyncio.Future[Any], asyncio.Future[Any]]] = []
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -205,7 +196,12 @@ class _Connection(asyncio.Protocol):
             future.set_exception(RedisConnectionError("the Redis connection is closed"))
             return future
         self._out.append(packed)
-        self._pending.append(future)
+        if self._acks is None:
+            self._pending.append(future)
+        else:
+            reply = self._loop.create_future()
+            self._pending.append(reply)
+            self._held.append((future, reply))
         self._sent += 1
         if self._flush_handle is None:
             # call_soon runs after every callback already ready in this turn, so commands
@@ -215,13 +211,25 @@ class _Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_handle = None
-        out, self._out = self._out, []
-        if not out or self._transport is None:
+        if not self._out or self._transport is None:
             return
+        extra = 0.0  # WAIT's own time, on top of socket_timeout
+        if self._acks is not None and self._held:
+            if self._waiting:
+                return  # sent with the next WAIT, once this one answers (_release)
+            held, self._held = self._held, []
+            waited = self._loop.create_future()
+            waited.add_done_callback(lambda done: self._release(held, done))
+            self._out.append(self._acks.command)
+            self._pending.append(waited)
+            self._sent += 1
+            self._waiting = True
+            extra = self._acks.seconds
+        out, self._out = self._out, []
         self._transport.write(out[0] if len(out) == 1 else b"".join(out))
         self._stats.writes += 1
         self._stats.commands += len(out)
-        deadline = self._loop.time() + self._timeout
+        deadline = self._loop.time() + self._timeout + extra
         self._batches.append((self._sent, deadline))
         if self._watchdog is None:
             self._watchdog = self._loop.call_at(deadline, self._check_overdue)
@@ -242,6 +250,34 @@ class _Connection(asyncio.Protocol):
         batches = self._batches
         while batches and batches[0][0] <= self._answered:
             batches.popleft()
+
+    def _release(
+        self,
+        held: list[tuple[asyncio.Future[Any], asyncio.Future[Any]]],
+        waited: asyncio.Future[Any],
+    ) -> None:
+        """WAIT answered (or the connection failed first): hand each caller its reply. A
+        reply whose WAIT failed is not handed over: the write may not be on a replica."""
+        self._waiting = False
+        if self._out and self._flush_handle is None and self.open:
+            self._flush_handle = self._loop.call_soon(self._flush)  # what waited for this
+        failure = waited.exception()
+        if failure is None and int(waited.result()) < cast(ReplicaAcks, self._acks).acks:
+            # Too few replicas in time: the writes are on the primary; the replies still
+            # go out (waiting longer would stall every caller), and the count shows it.
+            self._stats.unreplicated += 1
+            self._unreplicated()
+        for future, reply in held:
+            reply_error = reply.exception()  # read either way: asyncio logs unread ones
+            error = failure or reply_error
+            if future.done():  # its caller was cancelled: hand the reply over, if any
+                handler = self._late.take(future) if self._late else None
+                if handler is not None and error is None:
+                    handler(reply.result())
+            elif error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(reply.result())
 
     # --- receiving -------------------------------------------------------------------------
 
@@ -277,6 +313,10 @@ class _Connection(asyncio.Protocol):
             # (inside an array) stay values, as in redis-py.
             if isinstance(reply, RedisError):
                 future.set_exception(reply)
+                if isinstance(reply, ReadOnlyError):
+                    # The server became a replica (a failover): reconnect to the primary.
+                    self._fail(RedisConnectionError, "Redis is a read-only replica now")
+                    return
             else:
                 future.set_result(reply)
         self._forget_answered_batches()
@@ -304,6 +344,9 @@ class _Connection(asyncio.Protocol):
         self._out.clear()
         self._batches.clear()
         pending, self._pending = self._pending, collections.deque()
+        for future, _ in self._held:  # queued this turn, never sent
+            pending.append(future)
+        self._held = []
         for future in pending:
             if not future.done():
                 future.set_exception(kind(message))
@@ -318,14 +361,28 @@ class RedisMultiplexer:
 
     def __init__(
         self,
-        url: str,
+        where: str | RedisTarget,
         *,
         connect_timeout: float,
         socket_timeout: float,
         decode_responses: bool = True,
+        replica_acks: int = 0,
+        replica_ack_timeout: float = 0.5,
+        address: tuple[str, int] | None = None,
     ) -> None:
+        """``where``: a URL or a parsed target, one server or a Sentinel-watched primary
+        (a Cluster's nodes each get one of these, with their ``address``)."""
+        target = parse_target(where, RedisSettings()) if isinstance(where, str) else where
+        if target.kind == "cluster" and address is None:
+            raise ValueError("a Redis Cluster needs ClusterMultiplexer")
         self.stats = MultiplexStats()
-        self._endpoint = _endpoint(url)
+        self._target = target
+        # Sentinel: the primary's address is asked for on every (re)connect.
+        self._endpoint = None if target.kind == "sentinel" else endpoint(target, address)
+        self._sentinels = list(target.hosts)
+        self._acks = ReplicaAcks(replica_acks, replica_ack_timeout) if replica_acks else None
+        # Called for each batch too few replicas confirmed in time (the proxy counts them).
+        self.on_unreplicated: Callable[[], None] = _nothing
         self._connect_timeout = connect_timeout
         self._socket_timeout = socket_timeout
         self._decode = decode_responses
@@ -360,6 +417,16 @@ class RedisMultiplexer:
         if connection is None or not connection.open:
             return None
         return connection.send(_pack(args))
+
+    async def execute_asking(self, *args: Arg) -> Any:
+        """``execute`` preceded by ASKING on the same connection (a Cluster's ASK
+        redirection: the slot is being imported here)."""
+        packed = _pack(args)
+        connection = self._connection
+        if connection is None or not connection.open:
+            connection = await self._connect()
+        connection.send(_ASKING).add_done_callback(_consume)
+        return await connection.send(packed)
 
     async def run_script(
         self,
@@ -447,43 +514,126 @@ class RedisMultiplexer:
             self._connection = connection
 
     async def _open(self) -> _Connection:
-        """Connect and send AUTH/SELECT, all within connect_timeout."""
+        """Connect and send AUTH/SELECT, all within connect_timeout. Behind Sentinel, ask
+        the sentinels where the primary is first, and make sure it is one (ROLE)."""
         loop = asyncio.get_running_loop()
-        endpoint = self._endpoint
+        where: object = self._endpoint or self._target  # for messages
 
         def protocol() -> _Connection:
-            return _Connection(loop, self._socket_timeout, self._decode, self.stats, self._late)
+            return _Connection(
+                loop,
+                self._socket_timeout,
+                self._decode,
+                self.stats,
+                self._late,
+                self._acks,
+                lambda: self.on_unreplicated(),
+            )
 
         connection: _Connection | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
-                if endpoint.path is not None:
-                    _, connection = await loop.create_unix_connection(protocol, endpoint.path)
-                else:
-                    _, connection = await loop.create_connection(
-                        protocol,
-                        endpoint.host,
-                        endpoint.port,
-                        ssl=endpoint.tls,
-                        server_hostname=endpoint.host if endpoint.tls else None,
-                    )
+                found = self._endpoint or await self._primary_from_sentinels()
+                where = found
+                connection = await _open_connection(found, protocol)
+                setup = found.setup + ((("ROLE",),) if self._endpoint is None else ())
                 replies = await asyncio.gather(
-                    *(connection.send(_pack(command)) for command in endpoint.setup),
+                    *(connection.send(_pack(command)) for command in setup),
                     return_exceptions=True,
                 )
                 for reply in replies:
-                    if isinstance(reply, BaseException):
+                    # A password for a server that has none is let through, as redis-py
+                    # does, so both clients accept the same settings.
+                    if isinstance(reply, BaseException) and _NO_PASSWORD not in str(reply):
                         raise reply  # AUTH's error first: SELECT fails only because of it
+                role = _text(cast(list[Any], replies[-1])[0]) if self._endpoint is None else ""
+                if role and role != "master":
+                    raise RedisConnectionError(
+                        f"Redis at {where} is not the primary ({role}): a failover is under way"
+                    )
         except BaseException as exc:
             if connection is not None:
                 connection.close()
             if isinstance(exc, TimeoutError) and not isinstance(exc, RedisError):
                 raise RedisTimeoutError(
-                    f"connecting to Redis at {endpoint} took over {self._connect_timeout:g}s"
+                    f"connecting to Redis at {where} took over {self._connect_timeout:g}s"
                 ) from None
             if isinstance(exc, OSError):
-                message = f"cannot connect to Redis at {endpoint}: {exc}"
+                message = f"cannot connect to Redis at {where}: {exc}"
                 raise RedisConnectionError(message) from None
             raise
         self.stats.connects += 1
         return connection
+
+    async def _primary_from_sentinels(self) -> _Endpoint:
+        """The primary's address, from the first sentinel that knows it (which is then
+        asked first next time, as redis-py does)."""
+        target = self._target
+        sentinel_setup: list[tuple[Arg, ...]] = []
+        if target.sentinel_password is not None:
+            user, password = target.sentinel_username, target.sentinel_password
+            sentinel_setup.append(("AUTH", user, password) if user else ("AUTH", password))
+        question = ("SENTINEL", "GET-MASTER-ADDR-BY-NAME", target.service)
+        loop = asyncio.get_running_loop()
+        failures: list[str] = []
+        for i, address in enumerate(self._sentinels):
+            sentinel = _Endpoint(
+                address[0], address[1], None, self._endpoint_tls(), tuple(sentinel_setup)
+            )
+            connection: _Connection | None = None
+            try:
+                connection = await _open_connection(
+                    sentinel,
+                    lambda: _Connection(
+                        loop, self._socket_timeout, True, MultiplexStats(), _LateReplies()
+                    ),
+                )
+                for command in sentinel.setup:
+                    await connection.send(_pack(command))
+                reply = await connection.send(_pack(question))
+            except (OSError, RedisError) as exc:
+                failures.append(f"{address[0]}:{address[1]} ({type(exc).__name__})")
+                continue
+            finally:
+                if connection is not None:
+                    connection.close()
+            if not reply:
+                failures.append(f"{address[0]}:{address[1]} (does not know {target.service!r})")
+                continue
+            if i:
+                self._sentinels.insert(0, self._sentinels.pop(i))
+            return endpoint(target, (_text(reply[0]), int(reply[1])))
+        raise RedisConnectionError(
+            f"no sentinel knows the primary {target.service!r}: {', '.join(failures)}"
+        )
+
+    def _endpoint_tls(self) -> ssl.SSLContext | None:
+        return self._target.tls.context() if self._target.tls else None
+
+
+async def _open_connection(where: _Endpoint, protocol: Callable[[], _Connection]) -> _Connection:
+    loop = asyncio.get_running_loop()
+    if where.path is not None:
+        _, connection = await loop.create_unix_connection(protocol, where.path)
+    else:
+        _, connection = await loop.create_connection(
+            protocol,
+            where.host,
+            where.port,
+            ssl=where.tls,
+            server_hostname=where.host if where.tls else None,
+        )
+    return connection
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _nothing() -> None:
+    return None
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # ASKING's reply: read, so asyncio does not log it

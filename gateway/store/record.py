@@ -17,6 +17,12 @@ PERIODS = ("daily", "weekly", "monthly")
 Status = Literal["active", "disabled", "expired"]
 
 
+def index_member(created_at_ms: int, key_id: str) -> str:
+    """A key's member in the listing indexes: members sort by creation instant then id, so
+    a lexicographic cursor never skips or repeats a key."""
+    return f"{created_at_ms:015d}:{key_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class SpendCap:
     amount_micro: int
@@ -66,8 +72,8 @@ class KeyRecord:
         return "active"
 
     def index_member(self) -> str:
-        """This key's member in the listing indexes (see create.lua)."""
-        return f"{self.created_at:015d}:{self.id}"
+        """This key's member in the listing indexes."""
+        return index_member(self.created_at, self.id)
 
     def to_json(self, now_ms: int) -> dict[str, Any]:
         """The public view: never a secret, never the grace hash."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+
+from gateway.store.connection import StoreClient
 
 
 def _file(name: str) -> str:
@@ -28,7 +29,7 @@ class Scripts:
     report: AsyncScript
 
     @classmethod
-    def register(cls, client: Redis) -> Scripts:
+    def register(cls, client: StoreClient) -> Scripts:
         """Bind every script to ``client``; calls use EVALSHA, loading on NOSCRIPT."""
         return cls(**{name: client.register_script(script_source(name)) for name in cls.__slots__})
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-
+from gateway.store.connection import StoreClient
 from gateway.store.names import KeyNames
 from gateway.store.record import from_micro, rfc3339
 from gateway.usage.periods import PERIODS, Bucket, Period, history
@@ -56,7 +55,7 @@ def window(now_ms: int) -> list[Bucket]:
     return [b for period in PERIODS for b in history(period, now_ms, WINDOW[period])]
 
 
-async def read(client: Redis, names: KeyNames, key_id: str, now_ms: int) -> UsageHistory:
+async def read(client: StoreClient, names: KeyNames, key_id: str, now_ms: int) -> UsageHistory:
     """The key's usage and BYOK usage in every bucket of the window, in one MGET (all of
     one key's buckets share its hash tag, so this is one Cluster slot). Writes nothing."""
     buckets = window(now_ms)

@@ -30,7 +30,6 @@ from typing import Any
 import hypothesis.strategies as st
 import jsonschema_rs
 import pytest
-import redis
 import requests
 import schemathesis
 import yaml
@@ -40,6 +39,7 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.definitions import OPENAPI_31
 
 from gateway.admin.openapi import document
+from tests.procs import delete_prefixed
 
 SEED = 20260101
 MAX_EXAMPLES = 30  # per operation, fuzzing phase; coverage-phase cases come on top
@@ -131,13 +131,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def _purge(redis_url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    delete_prefixed(redis_url, prefix)
 
 
 @pytest.fixture(scope="module")

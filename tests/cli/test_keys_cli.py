@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis as sync_redis
 from redis.asyncio import Redis
 
 from gateway.store.keystore import KeyStore
@@ -38,6 +37,7 @@ from tests.procs import (
     server_pid,
     serving,
     short_tmpdir,
+    sync_redis_client,
     write_config,
 )
 
@@ -524,7 +524,7 @@ def bad_input_results(
         )
     results = {}
     try:
-        with sync_redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        with sync_redis_client(redis_url, decode_responses=True) as client:
             for case, process in processes.items():
                 out, err = process.communicate(timeout=60)
                 written = list(client.scan_iter(match=f"{prefixes[case]}*"))

@@ -521,21 +521,24 @@ RULES: dict[str, tuple[dict[Any, Any], list[str]]] = {
     "redis url scheme": (
         {"redis": {"url": "http://127.0.0.1:6379"}},
         [
-            "redis.url: must be 'embedded' or a redis://, rediss://, unix:// URL "
+            "redis.url: must be 'embedded' or a redis://, rediss://, unix://, redis+sentinel:// or "
+            "redis+cluster:// URL "
             "(got 'http://127.0.0.1:6379')"
         ],
     ),
     "redis url not a url": (
         {"redis": {"url": "localhost:6379"}},
         [
-            "redis.url: must be 'embedded' or a redis://, rediss://, unix:// URL "
+            "redis.url: must be 'embedded' or a redis://, rediss://, unix://, redis+sentinel:// or "
+            "redis+cluster:// URL "
             "(got 'localhost:6379')"
         ],
     ),
     "redis url unbalanced bracket": (
         {"redis": {"url": "redis://[::1:6379"}},
         [
-            "redis.url: must be 'embedded' or a redis://, rediss://, unix:// URL "
+            "redis.url: must be 'embedded' or a redis://, rediss://, unix://, redis+sentinel:// or "
+            "redis+cluster:// URL "
             "(got 'redis://[::1:6379')"
         ],
     ),
@@ -650,7 +653,8 @@ log: {level: verbose, colour: true}
             "log.colour: unknown option",
             "listen: must be host:port or [ipv6]:port (got '0.0.0.0')",
             "workers: must be an integer >= 1",
-            "redis.url: must be 'embedded' or a redis://, rediss://, unix:// URL "
+            "redis.url: must be 'embedded' or a redis://, rediss://, unix://, redis+sentinel:// or "
+            "redis+cluster:// URL "
             "(got 'http://cache')",
             "redis.key_prefix: must be non-empty and hold no '{' or '}' (they are hash tags)",
             "keys.sources[1]: unknown source 'cookie' "
@@ -804,7 +808,10 @@ ENV_RULES: dict[str, tuple[dict[str, str], list[str]]] = {
     ),
     "redis url": (
         {"KEYGATE_REDIS_URL": "mysql://db"},
-        ["redis.url: must be 'embedded' or a redis://, rediss://, unix:// URL (got 'mysql://db')"],
+        [
+            "redis.url: must be 'embedded' or a redis://, rediss://, unix://, "
+            "redis+sentinel:// or redis+cluster:// URL (got 'mysql://db')"
+        ],
     ),
     "key prefix braces": (
         {"KEYGATE_REDIS_KEY_PREFIX": "{kg}"},
@@ -900,7 +907,8 @@ redis: {url: http://cache}
     assert done.stdout == ""
     assert done.stderr.splitlines() == [
         "workers: must be an integer >= 1",
-        "redis.url: must be 'embedded' or a redis://, rediss://, unix:// URL (got 'http://cache')",
+        "redis.url: must be 'embedded' or a redis://, rediss://, unix://, "
+        "redis+sentinel:// or redis+cluster:// URL (got 'http://cache')",
         "routes[0].upstream: unknown upstream 'llm2'",
     ]
     assert "Traceback" not in done.stderr

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import redis
 
-from tests.procs import KEYGATE, clean_env, free_port, http_get, short_tmpdir
+from tests.procs import KEYGATE, clean_env, delete_prefixed, free_port, http_get, short_tmpdir
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -276,7 +275,4 @@ def test_entrypoint_serves_healthz_and_stops_cleanly_on_sigterm(
             if process.poll() is None:
                 process.kill()
                 process.wait(10)
-            with redis.Redis.from_url(redis_url) as client:
-                keys = list(client.scan_iter(match=f"{key_prefix}*"))
-                if keys:
-                    client.delete(*keys)
+            delete_prefixed(redis_url, key_prefix)

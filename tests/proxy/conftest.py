@@ -35,8 +35,8 @@ from gateway.config.load import build
 from gateway.config.model import Settings
 from gateway.demo.upstream import build_upstream_app
 from gateway.proxy.service import Proxy
+from gateway.store.cluster_multiplex import Multiplexer, multiplexer_for
 from gateway.store.keystore import KeyStore
-from gateway.store.multiplex import RedisMultiplexer
 from gateway.store.secrets import BASE62
 from gateway.usage.periods import ClockOverride, server_clock
 from tests.costs import build_cost_app
@@ -218,7 +218,7 @@ async def read_request_head(reader: asyncio.StreamReader) -> bytes:
 @dataclass
 class Gateway:
     proxy: Proxy
-    mux: RedisMultiplexer
+    mux: Multiplexer
     settings: Settings
     port: int
 
@@ -239,7 +239,7 @@ async def start_gateway(
     ``routes`` come before ``ROUTES``; ``redis`` entries override the session server's URL
     and the test's key prefix.
     """
-    started: list[tuple[web.ServerRunner, Proxy, RedisMultiplexer]] = []
+    started: list[tuple[web.ServerRunner, Proxy, Multiplexer]] = []
 
     async def start(
         *,
@@ -274,11 +274,7 @@ async def start_gateway(
             "metrics": metrics or {},
         }
         settings = build(raw, tmp_path)
-        mux = RedisMultiplexer(
-            settings.redis.url,
-            connect_timeout=settings.redis.connect_timeout,
-            socket_timeout=settings.redis.socket_timeout,
-        )
+        mux = multiplexer_for(settings.redis, settings.redis.url)
         proxy = build_proxy(settings, mux, clock, store)
         await proxy.start()
         runner = web.ServerRunner(proxy_server(proxy), shutdown_timeout=0.5)
@@ -412,9 +408,7 @@ COST_ROUTES: list[dict[str, Any]] = [
         cost={"json": "usage.total_tokens", "per_unit": 0.001},
         error_format="openai",
     ),
-    _cost_route(
-        "sse", "/sse", cost={"json": "usage.total_tokens", "per_unit": 0.001}, reserve=0.1
-    ),
+    _cost_route("sse", "/sse", cost={"json": "usage.total_tokens", "per_unit": 0.001}, reserve=0.1),
     _cost_route("byok", "/header", cost={"header": "X-Usage-Cost"}, byok=True, reserve=0.5),
     _cost_route("charged", "/header", cost={"fixed": 0.5}, charge_failed=True),
     _cost_route("free", "/flat"),

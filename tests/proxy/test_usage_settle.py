@@ -205,6 +205,7 @@ async def test_a_settlement_survives_the_server_losing_its_scripts(
     assert cost_gateway.proxy.settlements.failed == 0
 
 
+@pytest.mark.single_server
 async def test_a_settlement_waits_for_a_connection_when_none_is_open(
     cost_gateway: Gateway,
     metered_key: MeteredKey,
@@ -242,6 +243,7 @@ async def abandon_while_paused(
     await asyncio.sleep(0.05)  # the handler has been cancelled
 
 
+@pytest.mark.single_server
 async def test_a_client_gone_while_its_authorization_runs_gets_its_reservation_back(
     cost_gateway: Gateway,
     metered_key: MeteredKey,
@@ -257,6 +259,7 @@ async def test_a_client_gone_while_its_authorization_runs_gets_its_reservation_b
     assert await call(cost_gateway, http, "/c/header?cost=1", issued.secret) == 200
 
 
+@pytest.mark.single_server
 async def test_shutdown_waits_for_a_late_authorization_and_refunds_it(
     cost_gateway: Gateway,
     metered_key: MeteredKey,

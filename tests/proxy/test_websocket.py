@@ -13,7 +13,7 @@ from aiohttp import WSMsgType, web
 
 from gateway.app import build_proxy, proxy_server
 from gateway.config.load import build
-from gateway.store.multiplex import RedisMultiplexer
+from gateway.store.cluster_multiplex import multiplexer_for
 from tests.conftest import MakeKey
 
 
@@ -68,7 +68,7 @@ async def ws_gateway(redis_url: str, key_prefix: str, tmp_path: Path) -> AsyncIt
         },
         tmp_path,
     )
-    mux = RedisMultiplexer(redis_url, connect_timeout=1, socket_timeout=2)
+    mux = multiplexer_for(settings.redis, redis_url)
     proxy = build_proxy(settings, mux)
     await proxy.start()
     gateway, port = await _start(proxy_server(proxy))

@@ -31,6 +31,9 @@ from gateway.embedded import server_binary
 from gateway.store.multiplex import LuaScript, RedisMultiplexer
 from tests.procs import free_port, short_tmpdir
 
+# One server's multiplexer, CLIENT commands and WAIT; a Cluster's is in tests/topology.
+pytestmark = pytest.mark.single_server
+
 MARGIN = 0.5  # seconds allowed on top of a timeout for scheduling and process noise
 
 
