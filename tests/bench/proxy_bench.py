@@ -946,6 +946,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-nginx", action="store_true", help="leave nginx out (as --targets)")
     parser.add_argument(
+        "--redis-url",
+        help="keygate's Redis (e.g. a redis+cluster:// URL) instead of an embedded server",
+    )
+    parser.add_argument(
         "--pin",
         action="store_true",
         help="proxies on CPU 0 alone; wrk, the upstream and Redis on CPU 1 (needs 2 CPUs)",
@@ -976,6 +980,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     redis: EmbeddedRedis | None = None
     keep = False
     try:
+        if args.redis_url:
+            return _bench(args, procs, root, args.redis_url)
         if any(name in KEYGATES for name in args.targets):  # one server for both keygates
             redis = EmbeddedRedis(root / "redis").start()
             cpu = procs.cpu_of("redis")
