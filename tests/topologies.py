@@ -282,7 +282,8 @@ def _start_node(
     raise AssertionError("unreachable")
 
 
-def _server_argv(port: int, data_dir: Path, *extra: str) -> list[str]:
+def server_argv(port: int, data_dir: Path, *extra: str) -> list[str]:
+    """The packaged server on 127.0.0.1:``port`` with its files in ``data_dir``."""
     return [
         str(server_binary()),
         "--port",
@@ -622,7 +623,7 @@ def start_cluster(
                     name=f"cluster {role} :{port}",
                     host=HOST,
                     port=port,
-                    argv=_server_argv(
+                    argv=server_argv(
                         port,
                         topology.directory,
                         "--cluster-enabled",
@@ -843,7 +844,7 @@ def start_sentinel_group(
             def make(port: int) -> NodeProcess:
                 data_dir = root / f"{role}-{port}"
                 data_dir.mkdir(exist_ok=True)
-                argv = _server_argv(
+                argv = server_argv(
                     port,
                     data_dir,
                     "--save",

@@ -29,14 +29,21 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.config.load import build
 from gateway.config.model import RedisSettings, Settings
-from gateway.embedded import server_binary
 from gateway.store.connection import connect
 from gateway.store.keystore import Issued, KeyStore
 from gateway.store.names import KeyNames
 from gateway.store.topology import parse_target
 from tests.conftest import bearer
 from tests.proxy.conftest import Gateway, Upstream, assert_problem
-from tests.topologies import HOST, NodeProcess, NotYet, TlsFront, free_port, poll
+from tests.topologies import (
+    HOST,
+    NodeProcess,
+    NotYet,
+    TlsFront,
+    free_port,
+    poll,
+    server_argv,
+)
 from tests.topology.conftest import MakeTlsFront
 
 pytestmark = pytest.mark.timeout(120)
@@ -242,14 +249,9 @@ def acl_server(tmp_path: Path) -> Iterator[NodeProcess]:
     port = free_port()
     data = tmp_path / "acl-server"
     data.mkdir()
-    argv = [
-        str(server_binary()),
-        "--port",
-        str(port),
-        "--bind",
-        HOST,
-        "--dir",
-        str(data),
+    argv = server_argv(
+        port,
+        data,
         "--save",
         "",
         "--appendonly",
@@ -260,7 +262,7 @@ def acl_server(tmp_path: Path) -> Iterator[NodeProcess]:
         *(APP_USER, "on", f">{APP_PASSWORD}", "~*", "&*", "+@all"),
         "--user",
         *(NARROW_USER, "on", f">{NARROW_PASSWORD}", "~other:*", "+@all"),
-    ]
+    )
     node = NodeProcess(f"ACL server :{port}", HOST, port, argv, data / "server.log")
     node.start()
     try:
