@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from gateway.policies.limits import RoutePolicy
 from gateway.proxy.context import KeyIdentity
 from gateway.store.cluster_multiplex import Multiplexer
-from gateway.store.multiplex import LuaScript
+from gateway.store.multiplex import LuaScript, reply_text
 from gateway.store.names import KeyNames
 from gateway.store.scripts import script_source
 from gateway.store.secrets import has_bad_checksum
@@ -103,18 +103,14 @@ def _identity(
     the JSON is parsed and the object built once per distinct reply (it is immutable)."""
     scope_list = tuple(json.loads(scopes or "[]"))
     return KeyIdentity(
-        id=_text(key_id),
-        workspace_id=_text(workspace_id),
-        user_id=_text(user_id),
+        id=reply_text(key_id),
+        workspace_id=reply_text(workspace_id),
+        user_id=reply_text(user_id),
         scopes=scope_list,
         resources=None if resources is None else tuple(json.loads(resources)),
         scopes_header=" ".join(scope_list),
-        name=None if name is None else _text(name),
+        name=None if name is None else reply_text(name),
     )
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class KeyAuthorizer:
@@ -194,11 +190,11 @@ class KeyAuthorizer:
             (names.record(key_id), names.usage(key_id, ""), names.rate(key_id)),
             (digest, self.clock()),
         )
-        return None if _text(reply[0]) == "not_found" else reply
+        return None if reply_text(reply[0]) == "not_found" else reply
 
     async def _lookup(self, digest: str) -> str | None:
         found = await self.redis.execute("GET", self.names.by_hash(digest))
-        return None if found is None else _text(found)
+        return None if found is None else reply_text(found)
 
     async def _decide(self, key_id: str, policy: RoutePolicy, args: tuple[Any, ...]) -> Decision:
         names = self.names
@@ -213,7 +209,7 @@ class KeyAuthorizer:
             lambda late: self.abandoned(late, (record, usage), policy),
         )
         self.timed(time.perf_counter() - sent_at)
-        status = _text(reply[0])
+        status = reply_text(reply[0])
         if status == "not_found":
             return NOT_FOUND
         key = _identity(*reply[2:8])
@@ -227,7 +223,7 @@ class KeyAuthorizer:
         if status == "spend_limited":
             name, amount, period, counted, resets = reply[8:13]
             cap = BlockedCap(
-                _text(name), int(amount), _text(period), int(counted), int(resets) or None
+                reply_text(name), int(amount), reply_text(period), int(counted), int(resets) or None
             )
             return Decision(status, key, now, rate=_rate_state(reply, 13), cap=cap)
         return Decision(status, key, now, rate=_rate_state(reply, 8))
@@ -245,4 +241,4 @@ def _rate_state(reply: list[Any], at: int) -> RateState | None:
     """The rate fields from index ``at`` (see authorize.lua), or None."""
     if len(reply) <= at + 2:
         return None
-    return RateState(_text(reply[at]), _text(reply[at + 1]), int(reply[at + 2]))
+    return RateState(reply_text(reply[at]), reply_text(reply[at + 1]), int(reply[at + 2]))

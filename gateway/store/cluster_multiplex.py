@@ -33,7 +33,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config.model import RedisSettings
-from gateway.store.multiplex import Arg, LuaScript, MultiplexStats, RedisMultiplexer
+from gateway.store.multiplex import (
+    Arg,
+    LuaScript,
+    MultiplexStats,
+    RedisMultiplexer,
+    reply_text,
+)
 from gateway.store.slots import SLOTS, key_slot
 from gateway.store.topology import RedisTarget, parse_target
 
@@ -65,7 +71,7 @@ class ClusterMultiplexer:
         self._refreshed_at = -_REFRESH_INTERVAL
         self._closed = False
         # Called for each batch too few replicas confirmed in time (the proxy counts them).
-        self.on_unreplicated: Callable[[], None] = lambda: None
+        self.on_unreplicated: Callable[[], None] = lambda: None  # replaced by the proxy
 
     @property
     def stats(self) -> MultiplexStats:
@@ -222,7 +228,7 @@ class ClusterMultiplexer:
     def _apply(self, reply: list[Any], asked: Address) -> None:
         owners: list[Address | None] = [None] * SLOTS
         for start, end, primary, *_ in reply:
-            host = _text(primary[0]) or asked[0]
+            host = reply_text(primary[0]) or asked[0]
             if host == "?":
                 continue  # a node whose address its peers do not know yet
             owner = (host, int(primary[1]))
@@ -240,10 +246,6 @@ def _slot_of(args: Sequence[Arg]) -> int:
     if key is None:
         return 0
     return key_slot(key.decode() if isinstance(key, bytes) else str(key))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # The proxy's Redis client, whatever the topology.

@@ -48,6 +48,10 @@ _ASKING: Final = b"*1\r\n$6\r\nASKING\r\n"
 _NO_PASSWORD: Final = "called without any password configured"
 
 
+def _nothing() -> None:
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class LuaScript:
     """A Lua script and its SHA1, as EVALSHA names it."""
@@ -99,14 +103,17 @@ class _Endpoint:
         return f"unix://{self.path}" if self.path else f"{self.host}:{self.port}"
 
 
-def endpoint(target: RedisTarget, address: tuple[str, int] | None = None) -> _Endpoint:
-    """The data connection to ``address`` (default: the target's one server)."""
+def endpoint(
+    target: RedisTarget, address: tuple[str, int] | None = None, tls: ssl.SSLContext | None = None
+) -> _Endpoint:
+    """The data connection to ``address`` (default: the target's one server); ``tls`` is
+    the target's TLS context when the caller already made one (it reads files)."""
     host, port = address or (target.hosts[0] if target.hosts else ("localhost", 6379))
     return _Endpoint(
         host=host,
         port=port,
         path=target.path if address is None else None,
-        tls=target.tls.context() if target.tls else None,
+        tls=tls or (target.tls.context() if target.tls else None),
         setup=target.auth_commands(),
     )
 
@@ -154,7 +161,7 @@ class _Connection(asyncio.Protocol):
         stats: MultiplexStats,
         late: _LateReplies,
         acks: ReplicaAcks | None = None,
-        unreplicated: Callable[[], None] = lambda: None,
+        unreplicated: Callable[[], None] = _nothing,
     ) -> None:
         self.open = False  # True from connect until the first failure or close
         self._late = late  # a cancelled caller's handler for its reply (see when_cancelled)
@@ -377,6 +384,8 @@ class RedisMultiplexer:
             raise ValueError("a Redis Cluster needs ClusterMultiplexer")
         self.stats = MultiplexStats()
         self._target = target
+        # Sentinel: made once, for the sentinels and each primary it names.
+        self._tls = target.tls.context() if target.kind == "sentinel" and target.tls else None
         # Sentinel: the primary's address is asked for on every (re)connect.
         self._endpoint = None if target.kind == "sentinel" else endpoint(target, address)
         self._sentinels = list(target.hosts)
@@ -546,7 +555,7 @@ class RedisMultiplexer:
                     # does, so both clients accept the same settings.
                     if isinstance(reply, BaseException) and _NO_PASSWORD not in str(reply):
                         raise reply  # AUTH's error first: SELECT fails only because of it
-                role = _text(cast(list[Any], replies[-1])[0]) if self._endpoint is None else ""
+                role = reply_text(cast(list[Any], replies[-1])[0]) if self._endpoint is None else ""
                 if role and role != "master":
                     raise RedisConnectionError(
                         f"Redis at {where} is not the primary ({role}): a failover is under way"
@@ -577,9 +586,7 @@ class RedisMultiplexer:
         loop = asyncio.get_running_loop()
         failures: list[str] = []
         for i, address in enumerate(self._sentinels):
-            sentinel = _Endpoint(
-                address[0], address[1], None, self._endpoint_tls(), tuple(sentinel_setup)
-            )
+            sentinel = _Endpoint(address[0], address[1], None, self._tls, tuple(sentinel_setup))
             connection: _Connection | None = None
             try:
                 connection = await _open_connection(
@@ -602,13 +609,10 @@ class RedisMultiplexer:
                 continue
             if i:
                 self._sentinels.insert(0, self._sentinels.pop(i))
-            return endpoint(target, (_text(reply[0]), int(reply[1])))
+            return endpoint(target, (reply_text(reply[0]), int(reply[1])), self._tls)
         raise RedisConnectionError(
             f"no sentinel knows the primary {target.service!r}: {', '.join(failures)}"
         )
-
-    def _endpoint_tls(self) -> ssl.SSLContext | None:
-        return self._target.tls.context() if self._target.tls else None
 
 
 async def _open_connection(where: _Endpoint, protocol: Callable[[], _Connection]) -> _Connection:
@@ -626,12 +630,9 @@ async def _open_connection(where: _Endpoint, protocol: Callable[[], _Connection]
     return connection
 
 
-def _text(value: Any) -> str:
+def reply_text(value: Any) -> str:
+    """A reply element as text, whether the client decodes replies or not."""
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _nothing() -> None:
-    return None
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
