@@ -706,11 +706,12 @@ class SentinelTopology:
         return seen
 
     def primary_address(self) -> Address:
-        """The primary as the first answering sentinel reports it."""
-        for seen in self.master_addresses():
-            if seen is not None:
-                return seen
-        raise TopologyError(f"no sentinel knows the primary of {self.service!r}")
+        """The primary most answering sentinels report: right after a failover one sentinel
+        may still name the old one for a moment."""
+        seen = [s for s in self.master_addresses() if s is not None]
+        if not seen:
+            raise TopologyError(f"no sentinel knows the primary of {self.service!r}")
+        return max(seen, key=seen.count)
 
     def role(self, address: Address) -> str:
         return str(_run(address, "ROLE")[0])
