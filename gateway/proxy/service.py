@@ -190,12 +190,13 @@ class Proxy:
             if response is not None:
                 response.headers[REQUEST_ID] = ctx.request_id
                 return response
-        if ctx.match is not None and ctx.match.route.websocket and is_upgrade(request):
-            return await proxy_websocket(self, ctx)
         decision = ctx.decision  # None when let through on a store error (fail_open)
         meter = None if decision is None or ctx.policy is None else ctx.policy.meter()
         try:
-            response = await forward(self, ctx, meter)
+            if ctx.match is not None and ctx.match.route.websocket and is_upgrade(request):
+                response = await proxy_websocket(self, ctx, meter)
+            else:
+                response = await forward(self, ctx, meter)
         finally:
             if decision is not None:  # also when the client left
                 ctx.charged = self.settlements.settle(ctx, decision, meter)

@@ -237,7 +237,7 @@ async def start_gateway(
     """``await start_gateway(keys=..., redis=..., routes=[...], upstreams={...}, clock=...)``.
 
     ``routes`` come before ``ROUTES``; ``redis`` entries override the session server's URL
-    and the test's key prefix.
+    and the test's key prefix; any other keyword is a top-level config section.
     """
     started: list[tuple[web.ServerRunner, Proxy, Multiplexer]] = []
 
@@ -250,6 +250,7 @@ async def start_gateway(
         clock: ClockOverride = server_clock,
         dialects: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
+        **sections: Any,
     ) -> Gateway:
         raw = {
             "redis": {
@@ -272,6 +273,7 @@ async def start_gateway(
             "routes": [*(routes or []), *ROUTES],
             "dialects": dialects or {},
             "metrics": metrics or {},
+            **sections,  # any other top-level config section, as gateway.yaml spells it
         }
         settings = build(raw, tmp_path)
         mux = multiplexer_for(settings.redis, settings.redis.url)

@@ -3,6 +3,7 @@ handshake."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,19 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
+from redis.asyncio import Redis
 
 from gateway.app import build_proxy, proxy_server
 from gateway.config.load import build
 from gateway.store.cluster_multiplex import multiplexer_for
-from tests.conftest import MakeKey
+from tests.conftest import MakeKey, bearer
+from tests.proxy.conftest import (
+    Gateway,
+    ServeApp,
+    ServeRaw,
+    StartGateway,
+    read_request_head,
+)
 
 
 async def _echo_socket(request: web.Request) -> web.WebSocketResponse:
@@ -128,3 +137,92 @@ async def test_routes_without_websocket_do_not_upgrade(ws_gateway: int, make_key
                 f"http://127.0.0.1:{ws_gateway}/plain-ws",
                 headers={"Authorization": f"Bearer {issued.secret}"},
             )
+
+
+# --- settled like any request; the handshake is bounded ----------------------------------------
+
+
+async def _refusing_socket(request: web.Request) -> web.Response:
+    return web.Response(status=403, text="no sockets for you")
+
+
+@pytest.fixture
+async def metered_ws_gateway(
+    start_gateway: StartGateway, serve_app: ServeApp, serve_raw: ServeRaw
+) -> Gateway:
+    """Three WebSocket routes costing 0.25 each: a working upstream socket, an upstream that
+    refuses the handshake (403), and one that reads the handshake and never answers."""
+    app = web.Application()
+    app.router.add_get("/ws", _echo_socket)
+    app.router.add_get("/refuse", _refusing_socket)
+    working = await serve_app(app)
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        await asyncio.sleep(30)
+
+    hung = await serve_raw(hang)
+    fixed = {"cost": {"fixed": 0.25}, "websocket": True}
+    return await start_gateway(
+        upstreams={
+            "ws": {"url": f"http://127.0.0.1:{working}"},
+            "ws_hung": {
+                "url": f"http://127.0.0.1:{hung}",
+                "timeouts": {"connect": 1, "read": 0.5, "total": 5},
+            },
+        },
+        routes=[
+            {"name": "ws_ok", "path": "/ws", "upstream": "ws", **fixed},
+            {"name": "ws_no", "path": "/ws-no", "upstream": "ws", "rewrite": "/refuse", **fixed},
+            {"name": "ws_hung", "path": "/ws-hung", "upstream": "ws_hung", **fixed},
+        ],
+    )
+
+
+async def _usage(redis: Redis, key_prefix: str, key_id: str) -> tuple[int, int]:
+    total = int(await redis.get(f"{key_prefix}u:{{{key_id}}}:t") or 0)
+    uses = int(await redis.hget(f"{key_prefix}k:{{{key_id}}}", "total_uses") or 0)
+    return total, uses
+
+
+async def test_a_websocket_session_is_charged_its_cost_once(
+    metered_ws_gateway: Gateway, make_key: MakeKey, redis: Redis, key_prefix: str
+) -> None:
+    issued = await make_key()
+    async with (
+        aiohttp.ClientSession() as client,
+        client.ws_connect(f"{metered_ws_gateway.url}/ws", headers=bearer(issued.secret)) as socket,
+    ):
+        await socket.receive_json(timeout=5)
+        await socket.send_str("ping")
+        assert (await socket.receive(timeout=5)).data == "echo:ping"
+    await metered_ws_gateway.proxy.settlements.drain()
+    assert await _usage(redis, key_prefix, issued.record.id) == (250_000, 1)
+
+
+async def test_a_handshake_the_upstream_refuses_is_a_502_and_refunded(
+    metered_ws_gateway: Gateway, make_key: MakeKey, redis: Redis, key_prefix: str
+) -> None:
+    issued = await make_key()
+    async with aiohttp.ClientSession() as client:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await client.ws_connect(
+                f"{metered_ws_gateway.url}/ws-no", headers=bearer(issued.secret)
+            )
+    assert refused.value.status == 502
+    await metered_ws_gateway.proxy.settlements.drain()
+    assert await _usage(redis, key_prefix, issued.record.id) == (0, 1)
+
+
+async def test_a_handshake_the_upstream_never_answers_is_a_504_and_refunded(
+    metered_ws_gateway: Gateway, make_key: MakeKey, redis: Redis, key_prefix: str
+) -> None:
+    issued = await make_key()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await client.ws_connect(
+                f"{metered_ws_gateway.url}/ws-hung", headers=bearer(issued.secret)
+            )
+    assert refused.value.status == 504
+    await metered_ws_gateway.proxy.settlements.drain()
+    assert await _usage(redis, key_prefix, issued.record.id) == (0, 1)
