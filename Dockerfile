@@ -58,10 +58,12 @@ COPY --from=builder /opt/keygate /opt/keygate
 # KEYGATE_CONFIG lets `docker exec ... keygate keys create` find the same file as serve.
 ENV PATH="/opt/keygate/bin:${PATH}" \
     KEYGATE_CONFIG=/etc/keygate/gateway.yaml \
+    KEYGATE_REDIS_DATA_DIR=/var/lib/keygate/.keygate \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# The working directory is where a relative redis.data_dir (embedded mode) lives.
+# The embedded Redis (redis.url: embedded) keeps its data here, writable by the user below;
+# a relative redis.data_dir in the mounted file would resolve beside that (read-only) file.
 WORKDIR /var/lib/keygate
 USER 10001:10001
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway import listener
 from gateway.config.model import Settings
 from gateway.proxy import steps
 from gateway.proxy.authorize import KeyAuthorizer
@@ -46,5 +47,7 @@ def build_proxy(
 
 def proxy_server(proxy: Proxy) -> web.Server:
     """The low-level server: no router or middleware layers on the hot path, and the
-    handler is cancelled when the client disconnects, which drops the upstream request."""
-    return web.Server(proxy.handle, handler_cancellation=True, access_log=None)
+    handler is cancelled when the client disconnects, which drops the upstream request.
+    Its connections carry the client limits (gateway/listener.py); `keygate serve` and the
+    tests both build the proxy listener here."""
+    return listener.proxy_server(proxy.handle, proxy.settings, proxy.metrics)

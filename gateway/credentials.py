@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from multidict import MultiMapping
 
@@ -22,6 +23,26 @@ class Extracted:
 
 
 MISSING = Extracted(None, Outcome.MISSING_KEY, "no API key in the request")
+SECOND_AUTHORIZATION = Extracted(
+    None,
+    Outcome.INVALID_REQUEST,
+    "the request carries an Authorization header besides its API key; send one credential",
+)
+# The header each source reads the key from.
+_CARRIER = {"bearer": "Authorization", "api_key_scheme": "Authorization", "x-api-key": "x-api-key"}
+
+
+def reads_authorization(sources: tuple[str, ...]) -> bool:
+    """Whether keygate takes the key from Authorization under these sources."""
+    return "bearer" in sources or "api_key_scheme" in sources
+
+
+@lru_cache(maxsize=64)
+def carrier_headers(sources: tuple[str, ...]) -> tuple[str, ...]:
+    """Every header a key may arrive in under these sources: none of them reaches an
+    upstream when credentials are hidden, whichever carried this request's key (a second
+    spelling of one, ``X_Api_Key``, is dropped with it: see gateway/proxy/headers.py)."""
+    return tuple(dict.fromkeys(_CARRIER[s] for s in sources if s in _CARRIER))
 
 
 def extract(
@@ -36,9 +57,15 @@ def extract(
 
     Every value counts, not only the first: a repeated header or parameter carrying a
     second key would otherwise slip past the check and reach the upstream unverified.
+
+    Where Authorization is a source, any other Authorization header next to the key (another
+    scheme, ``Bearer<TAB>K``, a bare token) is a second credential too: upstreams read
+    schemes keygate does not (``Token``, ``Basic``) and split on any whitespace. Alone, such
+    a header is no key (401), as before.
     """
     found: list[str] = []
     carriers: list[str] = []
+    foreign_authorization = False
     for authorization in headers.getall("Authorization", ()):
         scheme, _, value = authorization.strip().partition(" ")
         kind = scheme.lower()
@@ -54,6 +81,8 @@ def extract(
                 )
             found.append(value)
             carriers.append("Authorization")
+        else:
+            foreign_authorization = True
     if "x-api-key" in sources:
         for header in headers.getall("x-api-key", ()):
             if not header.strip():
@@ -70,6 +99,8 @@ def extract(
         return Extracted(
             None, Outcome.INVALID_REQUEST, "the request carries two different API keys; send one"
         )
+    if foreign_authorization and reads_authorization(sources):
+        return SECOND_AUTHORIZATION
     return Extracted(found[0], headers=tuple(dict.fromkeys(carriers)), in_query=bool(params))
 
 

@@ -138,6 +138,35 @@ class Metrics:
             "Cost settlements given up after retries (the reservation stays as the charge).",
             registry=r,
         )
+        self.client_connections = Gauge(
+            "keygate_client_connections",
+            "Client connections open, by listener (proxy, admin, metrics).",
+            ("listener",),
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.client_connections_max = Gauge(
+            "keygate_client_connections_max",
+            "The most client connections a listener holds (its cap), by listener.",
+            ("listener",),
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.client_refused = Counter(
+            "keygate_client_connections_refused",
+            "Client connections closed at once because their listener held its cap "
+            "(client.max_connections on the proxy listener, 64 on admin and metrics).",
+            ("listener",),
+            registry=r,
+        )
+        self.client_timeouts = Counter(
+            "keygate_client_timeouts",
+            "Client connections closed for slowness, by listener and phase: head (no "
+            "whole request head within client.header_timeout), idle (no request within "
+            "client.keepalive_timeout), body (a request body stalled: 408 or cut off).",
+            ("listener", "phase"),
+            registry=r,
+        )
         self.key_requests = Counter(
             "keygate_key_requests",
             "Requests authorized per key (metrics.per_key only; keys past "

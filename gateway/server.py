@@ -14,6 +14,7 @@ from gateway.admin import metrics_endpoint
 from gateway.admin.app import build_admin_app
 from gateway.app import build_proxy, proxy_server
 from gateway.config.model import Address, Settings
+from gateway.listener import operator_runner
 from gateway.runtime import open_store
 from gateway.store.cluster_multiplex import multiplexer_for
 from gateway.store.keystore import KeyStore
@@ -41,10 +42,8 @@ async def serve(
         proxy_runner = web.ServerRunner(
             proxy_server(proxy), handle_signals=False, shutdown_timeout=grace
         )
-        admin_app = build_admin_app(settings, store, proxy.metrics)
-        admin_runner = web.AppRunner(
-            admin_app, access_log=None, handle_signals=False, shutdown_timeout=grace
-        )
+        admin_app = build_admin_app(settings, store, proxy.metrics, readiness=multiplexer.ping)
+        admin_runner = operator_runner(admin_app, settings, proxy.metrics, shutdown_timeout=grace)
         listeners: list[tuple[web.BaseRunner, Address, str]] = [
             (proxy_runner, settings.listen, "proxy"),
             (admin_runner, settings.admin_listen, "admin"),
@@ -52,8 +51,8 @@ async def serve(
         if settings.metrics.listen is not None:  # /metrics alone, for a scraper's network
             metrics_app = web.Application()
             metrics_endpoint.add_routes(metrics_app, proxy.metrics)
-            metrics_runner = web.AppRunner(
-                metrics_app, access_log=None, handle_signals=False, shutdown_timeout=grace
+            metrics_runner = operator_runner(
+                metrics_app, settings, proxy.metrics, shutdown_timeout=grace, listener="metrics"
             )
             listeners.append((metrics_runner, settings.metrics.listen, "metrics"))
         try:

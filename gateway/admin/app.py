@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from gateway.bodies import ClientLeft
 from gateway.config.model import Settings
 from gateway.errors import Outcome, problem
 from gateway.metrics import Metrics
@@ -36,6 +37,9 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         return await handler(request)
     except Denied as denied:
         return denied.response
+    except ClientLeft:  # mid-body: nobody to answer, and no store failed
+        log.debug("client left during %s %s before sending its body", request.method, request.path)
+        return problem(Outcome.INVALID_REQUEST, "the body ended before its announced length")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -53,16 +57,21 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 def build_admin_app(
-    settings: Settings, store: KeyStore, metrics: Metrics | None = None
+    settings: Settings,
+    store: KeyStore,
+    metrics: Metrics | None = None,
+    *,
+    readiness: health.Readiness | None = None,
 ) -> web.Application:
     """The admin application: management API, health probes, metrics (the proxy's, or
-    an empty set when there is no proxy) and OpenAPI document."""
+    an empty set when there is no proxy) and OpenAPI document. ``readiness`` (the proxy's
+    multiplexer's ``ping``) makes /readyz ask Redis over the proxy's own path too."""
     app = web.Application(middlewares=[problems], client_max_size=settings.admin.max_body_bytes)
     app[SETTINGS] = settings
     app[STORE] = store
     app[OPENAPI] = document()
     keys.add_routes(app)
-    health.add_routes(app)
+    health.add_routes(app, readiness)
     metrics_endpoint.add_routes(app, metrics if metrics is not None else Metrics())
     app.router.add_get("/openapi.json", serve_document, allow_head=False)
     return app

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
 from aiohttp import web
 
-from gateway.bodies import read_capped
+from gateway.bodies import NotJson, parse_json, read_capped
 from gateway.errors import Outcome, problem
 
 from .caller import Denied
@@ -35,36 +33,13 @@ async def read_object(request: web.Request, *, optional: bool = False) -> dict[s
     if not _is_json(request.content_type):
         raise Denied(problem(Outcome.UNSUPPORTED_MEDIA_TYPE, "the body must be application/json"))
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Denied(problem(Outcome.INVALID_REQUEST, f"body: not valid JSON ({exc})")) from None
-    except RecursionError:
-        raise Denied(problem(Outcome.INVALID_REQUEST, "body: nested too deeply")) from None
+        # Also refuses lone surrogates and deep nesting: nothing is written from such a body.
+        body = parse_json(raw, constants=False)
+    except NotJson as exc:
+        raise Denied(problem(Outcome.INVALID_REQUEST, f"body: {exc}")) from None
     if not isinstance(body, dict):
         raise Denied(problem(Outcome.INVALID_REQUEST, "body: must be a JSON object"))
-    if _has_lone_surrogate(body):
-        # "\ud800" parses, but is no Unicode text: it cannot be stored or sent back as JSON.
-        raise Denied(problem(Outcome.INVALID_REQUEST, "body: a string holds a lone surrogate"))
     return body
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _has_lone_surrogate(value: Any) -> bool:
-    """Whether any string (key or value) holds a surrogate; pairs were joined by json."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if _SURROGATE.search(item):
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
 
 
 async def _read_capped(request: web.Request, limit: int) -> bytes:
@@ -74,6 +49,3 @@ async def _read_capped(request: web.Request, limit: int) -> bytes:
         raise Denied(problem(Outcome.PAYLOAD_TOO_LARGE, f"the body exceeds {limit} bytes"))
     return raw
 
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")

@@ -1,9 +1,11 @@
 """Liveness and readiness on the admin listener: /healthz and /readyz, no auth.
 
 /healthz answers from the process alone. /readyz asks Redis one question, SCRIPT EXISTS for
-the store's scripts, which also proves Redis answers; the round trip is bounded by
-``redis.socket_timeout``. A 503 names its reason in a fixed phrase, never an exception's
-text (which can carry a URL and its password).
+the store's scripts, which also proves Redis answers the admin side's client; and, when the
+process runs the proxy, a PING over the proxy's own connections (its multiplexer), since
+the two clients can disagree (a sentinel that hangs, a node only one of them reaches). Both
+go at once, bounded together by ``redis.socket_timeout``. A 503 names its reason in a fixed
+phrase, never an exception's text (which can carry a URL and its password).
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -26,6 +28,33 @@ log = logging.getLogger("keygate.admin")
 
 REDIS_UNREACHABLE = "redis unreachable"
 SCRIPTS_NOT_LOADED = "scripts not loaded"
+
+T = TypeVar("T")
+# Asks Redis over the proxy's own path (raises a store error when it cannot).
+Readiness = Callable[[], Awaitable[object]]
+
+
+async def _no_proxy() -> None:
+    return None
+
+
+READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+
+
+class _Unreachable(Exception):
+    """Which client could not reach Redis (for the log line), and why."""
+
+    def __init__(self, side: str, error: BaseException) -> None:
+        super().__init__(side)
+        self.side = side
+        self.error = error
+
+
+async def _asked(side: str, call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except (*STORE_ERRORS, TimeoutError) as exc:
+        raise _Unreachable(side, exc) from exc
 
 
 @dataclass(slots=True)
@@ -66,15 +95,26 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """200 when Redis answers and holds every store script; else 503 with the reason."""
+    """200 when Redis answers both the admin side's client and the proxy's, and holds
+    every store script; else 503 with the reason."""
     store = request.app[STORE]
     timeout = request.app[SETTINGS].redis.socket_timeout
     shas = [getattr(store.scripts, name).sha for name in store.scripts.__slots__]
     try:
         async with asyncio.timeout(timeout):
-            loaded = await store.client.script_exists(*shas)
-    except (*STORE_ERRORS, TimeoutError) as exc:
-        log.warning("readiness: redis unreachable (%s)", type(exc).__name__)
+            loaded, _ = await asyncio.gather(
+                _asked("admin", store.client.script_exists(*shas)),
+                _asked("proxy", request.app[READINESS]()),
+            )
+    except _Unreachable as exc:
+        log.warning(
+            "readiness: redis unreachable from the %s client (%s)",
+            exc.side,
+            type(exc.error).__name__,
+        )
+        return _unavailable(REDIS_UNREACHABLE)
+    except TimeoutError:
+        log.warning("readiness: redis did not answer within %gs", timeout)
         return _unavailable(REDIS_UNREACHABLE)
     if not all(loaded):
         request.app[RELOAD].start(store, timeout)
@@ -94,7 +134,9 @@ async def _reload_context(app: web.Application) -> AsyncIterator[None]:
     await app[RELOAD].stop()
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, readiness: Readiness | None = None) -> None:
+    """/healthz and /readyz; ``readiness`` asks Redis over the proxy's own path."""
+    app[READINESS] = readiness or _no_proxy
     app.cleanup_ctx.append(_reload_context)
     app.router.add_get("/healthz", healthz, allow_head=False)
     app.router.add_get("/readyz", readyz, allow_head=False)

@@ -27,9 +27,11 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _parse(body: dict[str, Any], mode: key_input.Mode) -> dict[str, Any]:
+def _parse(
+    body: dict[str, Any], mode: key_input.Mode, secret_prefix: str | None = None
+) -> dict[str, Any]:
     try:
-        return key_input.parse(body, mode, _now_ms())
+        return key_input.parse(body, mode, _now_ms(), secret_prefix=secret_prefix)
     except key_input.InvalidInput as exc:
         raise Denied(invalid(exc.errors)) from None
 
@@ -65,7 +67,8 @@ async def _render(
 
 async def _create(request: web.Request, mode: key_input.Mode) -> web.Response:
     caller = await authorize(request, "apikeys:create")
-    values = _parse(await read_object(request), mode)
+    prefix = request.app[SETTINGS].keys.secret_prefix
+    values = _parse(await read_object(request), mode, prefix)
     values.setdefault("workspace_id", caller.record.workspace_id)
     values.setdefault("user_id", caller.record.user_id)
     caller.require_workspace(values["workspace_id"])

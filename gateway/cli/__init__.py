@@ -4,49 +4,41 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
+import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway import __version__
-from gateway.config import ConfigError, Settings, load
-from gateway.config.reader import redact_url
+from gateway.config import ConfigError
 from gateway.demo import command as demo
 from gateway.embedded import EmbeddedError
 from gateway.store.connection import describe
 
 from . import keys
+from .source import Loaded, load_config, not_found, store_target
 
-DEFAULT_CONFIG = Path("config/gateway.yaml")
-
-
-def _config_path(given: str | None) -> Path | None:
-    if given:
-        return Path(given)
-    if env := os.environ.get("KEYGATE_CONFIG"):
-        return Path(env)
-    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+CONFIG_HELP = (
+    "config file (default: $KEYGATE_CONFIG, else ./gateway.yaml, else ./config/gateway.yaml, "
+    "else none: every option at its default)"
+)
+log = logging.getLogger("keygate")
 
 
-def load_settings(given: str | None) -> Settings:
-    """Settings from --config, $KEYGATE_CONFIG or ./config/gateway.yaml; defaults if none."""
-    return load(_config_path(given))
+class UsageError(Exception):
+    """The command line contradicts itself; exit 2 with the message."""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keygate", description="API-key gateway.")
     parser.add_argument("--version", action="version", version=f"keygate {__version__}")
+    # Accepted before the subcommand too (keygate -c x.yaml serve); a dest of its own, as
+    # a subcommand's default would overwrite it.
+    parser.add_argument("--config", "-c", dest="global_config", metavar="PATH", help=CONFIG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config",
-        "-c",
-        metavar="PATH",
-        help="config file (default: $KEYGATE_CONFIG, else ./config/gateway.yaml)",
-    )
+    common.add_argument("--config", "-c", metavar="PATH", help=CONFIG_HELP)
     serve = commands.add_parser("serve", parents=[common], help="run the gateway")
     serve.add_argument(
         "--workers",
@@ -55,8 +47,10 @@ def _parser() -> argparse.ArgumentParser:
         help="worker processes sharing the ports (default: the config's workers, 1)",
     )
     serve.set_defaults(run=_serve)
-    check = commands.add_parser("check-config", help="validate a config file and exit")
-    check.add_argument("path", metavar="PATH")
+    check = commands.add_parser(
+        "check-config", parents=[common], help="validate a config file and exit"
+    )
+    check.add_argument("path", metavar="PATH", nargs="?", help="the file (as --config)")
     check.set_defaults(run=_check_config)
     keys.add_commands(commands, common)
     demo.add_command(commands)
@@ -73,16 +67,34 @@ def _positive(text: str) -> int:
     return value
 
 
+def _for_serving(given: str | None) -> Loaded:
+    """The config, also refused when a route would lose requests to a dialect (a check
+    that needs the dialects, so only serve and check-config make it)."""
+    from gateway.dialects.mount import shadowed_routes
+
+    loaded = load_config(given)
+    problems = shadowed_routes(loaded.settings)
+    if problems:
+        raise ConfigError(problems)
+    return loaded
+
+
 def _serve(args: argparse.Namespace) -> int:
     # aiohttp and the servers load only for `serve`, not for every CLI command.
     from gateway import logs, runtime, server, workers
 
-    settings = load_settings(args.config)
+    loaded = _for_serving(args.config)
+    settings = loaded.settings
     if args.workers is not None:
         settings = dataclasses.replace(settings, workers=args.workers)
     logs.setup(settings.log)
+    if not workers.is_worker():  # the supervisor has said it for its workers
+        said = log.info if loaded.source.path is not None else log.warning
+        said("%s", loaded.summary(upstreams=True))
     if settings.workers > 1 and not workers.is_worker():
-        config = workers.config_path(args.config)
+        # Workers read the file this process found, wherever they look.
+        path = loaded.source.path
+        config = workers.config_path(None if path is None else str(path))
         return runtime.with_redis(
             settings,
             lambda url: workers.Supervisor(settings, config, url).run(),
@@ -96,18 +108,38 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    settings = load(Path(args.path))
+    loaded = _for_serving(args.config)
+    settings = loaded.settings
+    if loaded.source.path is None:
+        print(f"keygate: {not_found()}; running on defaults", file=sys.stderr)
+    name = "defaults" if loaded.source.path is None else str(loaded.source.path)
     print(
-        f"{args.path}: ok ({len(settings.upstreams)} upstreams, {len(settings.routes)} routes, "
-        f"redis {redact_url(settings.redis.url)})"
+        f"{name}: ok ({len(settings.upstreams)} upstreams, {len(settings.routes)} routes; "
+        f"key store: {store_target(settings.redis)})"
     )
     return 0
+
+
+def _one_config(args: argparse.Namespace) -> str | None:
+    """The config file named on the command line: --config before or after the
+    subcommand, or check-config's PATH; naming two different files is an error."""
+    named = (args.global_config, getattr(args, "config", None), getattr(args, "path", None))
+    given = list(dict.fromkeys(value for value in named if value is not None))
+    if len(given) > 1:
+        raise UsageError(f"--config given twice ({given[0]} and {given[1]}): give it once")
+    if given and not hasattr(args, "config"):  # keygate demo makes its own settings
+        raise UsageError(f"{args.command} takes no --config")
+    return given[0] if given else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        args.config = _one_config(args)
         return int(args.run(args))
+    except UsageError as exc:
+        print(f"keygate: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)

@@ -15,7 +15,13 @@ from typing import Any, TypeVar, cast
 
 import yaml
 
-from gateway.config.env import SECTION_KEYS, SECTIONS, apply_env
+from gateway.config.env import (
+    SECTION_KEYS,
+    SECTIONS,
+    apply_env,
+    name_variables,
+    unknown_variables,
+)
 from gateway.config.model import (
     CREDENTIAL_SOURCES,
     DEFAULT_ADMIN_LISTEN,
@@ -25,6 +31,7 @@ from gateway.config.model import (
     HTTP_METHODS,
     Address,
     AdminSettings,
+    ClientSettings,
     CostRule,
     Dialect,
     KeySettings,
@@ -39,6 +46,7 @@ from gateway.config.model import (
     Upstream,
 )
 from gateway.config.reader import Reader, parse_address, redact_url, scheme_of, split_url
+from gateway.store import input as key_input
 from gateway.store.topology import SCHEMES, parse_target
 
 T = TypeVar("T")
@@ -89,6 +97,7 @@ def _redis(r: Reader, raw: Mapping[str, Any], base: Path) -> RedisSettings:
         tls_check_hostname=r.get(s, "tls_check_hostname", "redis", bool, True),
         replica_acks=r.integer(s, "replica_acks", "redis", 0, low=0),
         replica_ack_timeout=r.number(s, "replica_ack_timeout", "redis", 0.5, open_low=True),
+        health_check_interval=r.number(s, "health_check_interval", "redis", 15.0),
     )
     if url != "embedded" and scheme_of(url) in SCHEMES:
         try:
@@ -126,6 +135,27 @@ def _keys(r: Reader, raw: Mapping[str, Any]) -> KeySettings:
     )
 
 
+CLIENT_KEYS = SECTION_KEYS["client"]
+
+
+def _client(r: Reader, raw: Mapping[str, Any]) -> ClientSettings:
+    s = r.section(raw, "client", "", CLIENT_KEYS)
+    cap: int | None = None  # auto: what the file descriptor limit leaves room for
+    value = s.get("max_connections")
+    if value not in (None, "auto"):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            cap = value
+        else:
+            r.fail("client.max_connections", f"must be auto or an integer >= 1 (got {value!r})")
+    return ClientSettings(
+        header_timeout=r.number(s, "header_timeout", "client", 10.0, open_low=True),
+        keepalive_timeout=r.number(s, "keepalive_timeout", "client", 75.0, open_low=True),
+        body_timeout=r.number(s, "body_timeout", "client", 30.0, open_low=True),
+        min_upload_rate=r.integer(s, "min_upload_rate", "client", 500, low=0),
+        max_connections=cap,
+    )
+
+
 def _upstreams(r: Reader, raw: Mapping[str, Any]) -> dict[str, Upstream]:
     section = raw.get("upstreams")
     if section is None:
@@ -141,7 +171,11 @@ def _upstreams(r: Reader, raw: Mapping[str, Any]) -> dict[str, Upstream]:
         if not isinstance(spec, dict):
             r.fail(path, "must be a mapping")
             continue
-        r.unknown(spec, path, ("url", "timeouts", "pool_size"))
+        r.unknown(
+            spec,
+            path,
+            ("url", "timeouts", "pool_size", "max_response_head_bytes", "max_response_headers"),
+        )
         url = r.get(spec, "url", path, str, "")
         parts = split_url(url)
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
@@ -153,7 +187,14 @@ def _upstreams(r: Reader, raw: Mapping[str, Any]) -> dict[str, Upstream]:
             total=r.number(t, "total", f"{path}.timeouts", 300.0, open_low=True),
         )
         result[str(name)] = Upstream(
-            str(name), url.rstrip("/"), timeouts, r.integer(spec, "pool_size", path, 100, low=1)
+            str(name),
+            url.rstrip("/"),
+            timeouts,
+            r.integer(spec, "pool_size", path, 100, low=1),
+            max_response_head_bytes=r.integer(
+                spec, "max_response_head_bytes", path, 65_536, low=1024
+            ),
+            max_response_headers=r.integer(spec, "max_response_headers", path, 100, low=1),
         )
     return result
 
@@ -176,6 +217,7 @@ _ROUTE_KEYS = (
     "error_format",
     "sources",
     "websocket",
+    "yield_to_dialects",
 )
 
 
@@ -238,6 +280,7 @@ def _route(
         ),
         sources=_route_sources(r, spec, path),
         websocket=r.get(spec, "websocket", path, bool, False),
+        yield_to_dialects=r.get(spec, "yield_to_dialects", path, bool, False),
     )
 
 
@@ -245,6 +288,7 @@ def _scopes(r: Reader, raw: Any, path: str) -> dict[str, tuple[str, ...]]:
     if raw is None:
         return {}
     if isinstance(raw, list) and all(isinstance(s, str) for s in raw):
+        _holdable(r, raw, path)
         return {"*": tuple(raw)}
     if isinstance(raw, dict):
         result: dict[str, tuple[str, ...]] = {}
@@ -255,10 +299,22 @@ def _scopes(r: Reader, raw: Any, path: str) -> dict[str, tuple[str, ...]]:
             elif not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
                 r.fail(f"{path}.{method}", "must be a list of strings")
             else:
+                _holdable(r, scopes, f"{path}.{method}")
                 result[key] = tuple(scopes)
         return result
     r.fail(path, "must be a list of scopes or a mapping of method to scopes")
     return {}
+
+
+def _holdable(r: Reader, scopes: list[str], path: str) -> None:
+    """Refuse a scope no key can be given (the keys' own scope rule decides), since
+    only a key holding ``*`` could then use the route."""
+    for i, scope in enumerate(scopes):
+        try:
+            key_input.parse({"scopes": [scope]}, "update", 0)
+        except key_input.InvalidInput as exc:
+            reason = exc.errors[0][1].removeprefix("item 0 ")
+            r.fail(f"{path}[{i}]", f"{scope!r} is not a scope a key can hold ({reason})")
 
 
 def _one_of(
@@ -360,7 +416,9 @@ def _dialects(r: Reader, raw: Mapping[str, Any]) -> dict[str, Dialect]:
         path = r.get(spec, "path", where, str, "") or None
         if path is not None and not path.startswith("/"):
             r.fail(f"{where}.path", "must start with '/'")
-        result[name] = Dialect(r.get(spec, "enabled", where, bool, True), path)
+        # Off unless enabled: a dialect lists (some also create and delete) keys on the
+        # proxy listener, which is public.
+        result[name] = Dialect(r.get(spec, "enabled", where, bool, False), path)
     return result
 
 
@@ -385,6 +443,35 @@ def _optional_address(r: Reader, raw: Mapping[str, Any], key: str, where: str) -
     except ValueError as exc:
         r.fail(where, str(exc))
         return None
+
+
+_ANY_HOST = ("0.0.0.0", "::")  # noqa: S104 - compared with, never bound
+
+
+def _overlap(a: Address, b: Address) -> bool:
+    """Whether two listeners would take one port: the same port (0 picks a free one) on
+    the same host, a wildcard host, or localhost and a loopback address."""
+    if a.port != b.port or a.port == 0:
+        return False
+    hosts = {a.host.lower(), b.host.lower()}
+    return (
+        len(hosts) == 1
+        or bool(hosts & set(_ANY_HOST))
+        or ("localhost" in hosts and bool(hosts & {"127.0.0.1", "::1"}))
+    )
+
+
+def _listeners_apart(r: Reader, settings: Settings) -> None:
+    listeners = [("listen", settings.listen), ("admin_listen", settings.admin_listen)]
+    if settings.metrics.listen is not None:
+        listeners.append(("metrics.listen", settings.metrics.listen))
+    for i, (name, address) in enumerate(listeners):
+        for other, taken in listeners[:i]:
+            if _overlap(address, taken):
+                r.fail(
+                    name,
+                    f"{address} overlaps {other} ({taken}): each listener needs a port of its own",
+                )
 
 
 def build(raw: Mapping[str, Any], base: Path) -> Settings:
@@ -415,6 +502,7 @@ def build(raw: Mapping[str, Any], base: Path) -> Settings:
         shutdown_timeout=r.number(raw, "shutdown_timeout", "", 30.0, open_low=True),
         redis=_redis(r, raw, base),
         keys=_keys(r, raw),
+        client=_client(r, raw),
         admin=AdminSettings(
             max_body_bytes=r.integer(admin, "max_body_bytes", "admin", 1_048_576, low=1024),
             default_workspace=r.get(admin, "default_workspace", "admin", str, "default"),
@@ -435,6 +523,7 @@ def build(raw: Mapping[str, Any], base: Path) -> Settings:
             cast(Any, r.choice(log, "access_format", "log", ("auto", "json", "text"), "auto")),
         ),
     )
+    _listeners_apart(r, settings)
     if r.problems:
         raise ConfigError(r.problems)
     return settings
@@ -464,10 +553,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
     """Read ``path`` (or defaults when None), apply KEYGATE_* overrides, validate.
 
-    A relative ``redis.data_dir`` is relative to the working directory, as for most servers.
+    Relative paths in the file (``redis.data_dir``, ``redis.tls_*``), and the defaults of
+    path options, are relative to the file's directory, so the store does not depend on
+    where keygate was started; without a file, and in variables, to the working directory.
+    A ``KEYGATE_*`` variable that names no option is a problem, and a problem in a value a
+    variable gave names the variable.
     """
     raw: Any = {}
-    base = Path.cwd()
+    cwd = Path.cwd()
+    base = cwd if path is None else Path(os.path.abspath(path)).parent  # no "x/.." left
     if path is not None:
         try:
             text = path.read_text(encoding="utf-8")
@@ -496,4 +590,12 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Setting
             raw = {}
         if not isinstance(raw, dict):
             raise ConfigError([f"{path}: the top level must be a mapping"])
-    return build(apply_env(raw, os.environ if environ is None else environ), base)
+    environ = os.environ if environ is None else environ
+    unknown = unknown_variables(environ)
+    try:
+        settings = build(apply_env(raw, environ, cwd), base)
+    except ConfigError as exc:
+        raise ConfigError(unknown + name_variables(exc.problems, environ)) from None
+    if unknown:
+        raise ConfigError(unknown)
+    return settings

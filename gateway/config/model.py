@@ -46,6 +46,9 @@ class RedisSettings:
     # Sentinel failover cannot lose a charge the proxy already acted on (0: do not wait).
     replica_acks: int = 0
     replica_ack_timeout: float = 0.5
+    # The proxy PINGs a connection idle this many seconds, so one that died unused is
+    # replaced before a request needs it (0: never).
+    health_check_interval: float = 15.0
 
     @property
     def embedded(self) -> bool:
@@ -74,6 +77,9 @@ class Upstream:
     url: str
     timeouts: Timeouts = field(default_factory=Timeouts)
     pool_size: int = 100
+    # Caps on an answer's head (gateway/proxy/upstream_http.py says why these defaults).
+    max_response_head_bytes: int = 65_536
+    max_response_headers: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +127,14 @@ class Route:
     error_format: ErrorFormat = "problem"
     sources: tuple[str, ...] | None = None
     websocket: bool = False
+    # The route knowingly lets enabled dialects answer the paths they share with it
+    # (otherwise such a route is a config error: it would silently lose those requests).
+    yield_to_dialects: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Dialect:
-    enabled: bool = True
+    enabled: bool = False  # opt-in: a dialect manages keys on the public listener
     path: str | None = None
 
 
@@ -146,6 +155,19 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """What a client connection may cost, on every listener: slow or idle clients are cut
+    off, and each process holds at most so many connections (None: as many as its file
+    descriptor limit leaves room for, beside upstream and Redis sockets)."""
+
+    header_timeout: float = 10.0  # from the connection's opening or a request's first byte
+    keepalive_timeout: float = 75.0  # an idle connection between two requests
+    body_timeout: float = 30.0  # each window in which a request body must make progress
+    min_upload_rate: int = 500  # bytes/s a request body must average over each window
+    max_connections: int | None = None  # on the proxy listener, per process
+
+
+@dataclass(frozen=True, slots=True)
 class AdminSettings:
     max_body_bytes: int = 1_048_576
     default_workspace: str = "default"
@@ -160,6 +182,7 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     keys: KeySettings = field(default_factory=KeySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    client: ClientSettings = field(default_factory=ClientSettings)
     upstreams: dict[str, Upstream] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
     dialects: dict[str, Dialect] = field(default_factory=dict)

@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway import runtime
 from gateway.config.load import build
-from gateway.config.model import Settings
+from gateway.config.model import DIALECTS, Settings
 from gateway.store.keystore import KeyStore
 from gateway.store.record import MICRO, RateLimitSpec
 
@@ -48,6 +48,8 @@ def demo_settings(args: argparse.Namespace, upstream_port: int) -> Settings:
             },
             {"name": "echo", "prefix": "/echo", "upstream": "demo", "scopes": ["echo:read"]},
         ],
+        # The demo shows the listing dialects too (a real config opts in to each).
+        "dialects": {name: {"enabled": True} for name in DIALECTS},
         "log": {"format": "text", "level": "warning"},
     }
     return build(raw, Path.cwd())

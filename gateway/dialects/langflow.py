@@ -17,12 +17,12 @@ and FastAPI would only redirect the other form. Errors are FastAPI's ``{"detail"
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
 from aiohttp import web
 
+from gateway.bodies import NotJson, parse_json, read_capped
 from gateway.dialects.base import VIEW, Call, DialectSpec, Endpoint, json_response
 from gateway.dialects.listing import all_keys
 from gateway.policies.scopes import ORG_ADMIN, grants, is_privileged
@@ -30,6 +30,7 @@ from gateway.store.input import MAX_NAME
 from gateway.store.record import KeyRecord, rfc3339
 
 CREATE = "apikeys:create"
+MAX_BODY = 1024 * 1024  # aiohttp's default client_max_size, which applied before
 DELETE = "apikeys:delete"
 _NOT_FOUND = "API Key not found"  # Langflow's words for a missing or another user's key
 # Langflow's own texts for the refusals mount.py makes, where they exist.
@@ -98,13 +99,14 @@ def minted_values(caller: KeyRecord, name: str | None) -> dict[str, Any]:
 
 
 async def create_key(call: Call) -> web.Response:
-    try:
-        raw = await call.request.read()
-    except web.HTTPRequestEntityTooLarge:
+    # Read like every body keygate parses: capped, and a client that leaves is ClientLeft.
+    raw = await read_capped(call.request.content, MAX_BODY)
+    if raw is None:
         return error(413, "payload_too_large", "Request Entity Too Large")
     try:
-        body = json.loads(raw) if raw else None
-    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        # Refused too: a lone surrogate (no text to store) and deep nesting, before any write.
+        body = parse_json(raw) if raw else None
+    except NotJson as exc:
         return _unprocessable("json_invalid", ["body", 0], "JSON decode error", {}, str(exc))
     if body is None:
         return _unprocessable("missing", ["body"], "Field required", None)

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from gateway.config.model import DIALECTS, Settings
+from gateway.bodies import ClientLeft
+from gateway.config.model import DIALECTS, Route, Settings
 from gateway.credentials import extract
 from gateway.dialects.base import Call, DialectSpec, Endpoint
 from gateway.errors import Outcome
@@ -39,11 +40,7 @@ class DialectRouter:
         self._exact: dict[str, tuple[DialectSpec, dict[str, Endpoint]]] = {}
         self._by_parent: dict[str, tuple[DialectSpec, str, dict[str, Endpoint]]] = {}
         for name, spec in specs.items():
-            configured = settings.dialects.get(name)
-            if configured is not None and not configured.enabled:
-                continue
-            path = (configured.path if configured else None) or spec.default_path
-            for endpoint in spec.endpoints(path):
+            for endpoint in _enabled_endpoints(settings, name, spec):
                 self._add(spec, endpoint)
 
     def _add(self, spec: DialectSpec, endpoint: Endpoint) -> None:
@@ -58,7 +55,8 @@ class DialectRouter:
 
     def shadowed(self, router: Router) -> list[str]:
         """What the dialects take from configured routes: "METHOD /path (dialect, route)"
-        for each endpoint a route would otherwise forward (dialects are matched first)."""
+        for each endpoint a route would otherwise forward (dialects are matched first),
+        leaving out routes that say ``yield_to_dialects``."""
         found = []
         for path, (spec, methods) in self._exact.items():
             found += _shadowed(router, spec, path, methods)
@@ -69,9 +67,9 @@ class DialectRouter:
     def __bool__(self) -> bool:
         return bool(self._exact or self._by_parent)
 
-    def match(self, raw_path: str) -> Found | None:
-        """The dialect endpoints at this path (any method), with the path's parameters."""
-        path = raw_path.partition("?")[0]
+    def match(self, path: str) -> Found | None:
+        """The dialect endpoints at this normalised path (any method, no query), with the
+        path's parameters."""
         exact = self._exact.get(path)
         if exact is not None:
             return exact[0], exact[1], {}
@@ -89,9 +87,67 @@ def _shadowed(
     lines = []
     for method in methods:
         match = router.match(path, method)
-        if isinstance(match, Match):
+        if isinstance(match, Match) and not match.route.yield_to_dialects:
             lines.append(f"{method} {path} ({spec.name}, route {match.route.name})")
     return lines
+
+
+def _enabled_endpoints(settings: Settings, name: str, spec: DialectSpec) -> tuple[Endpoint, ...]:
+    """A listing dialect's endpoints at its configured path, none unless it is enabled; a
+    spec of keygate's own (``/metrics`` on the proxy, asked for by its own option) as is."""
+    if name not in DIALECTS:
+        return spec.endpoints(spec.default_path)
+    configured = settings.dialects.get(name)
+    if configured is None or not configured.enabled:
+        return ()
+    return spec.endpoints(configured.path or spec.default_path)
+
+
+def shadowed_routes(settings: Settings) -> list[str]:
+    """Config problems: one line per route and enabled dialect whose endpoints the route
+    would otherwise get (dialects answer first), unless the route says
+    ``yield_to_dialects: true``. A route silently losing requests is never what was meant.
+    """
+    router = Router(settings.routes, settings.upstreams)
+    index = {route.name: i for i, route in enumerate(settings.routes)}
+    problems: list[tuple[int, str]] = []
+    for name, spec in registry().items():
+        taken: dict[str, list[str]] = {}  # route name -> "METHOD /path" it loses
+        for endpoint in _enabled_endpoints(settings, name, spec):
+            for route in _takers(router, settings, endpoint):
+                if not route.yield_to_dialects:
+                    taken.setdefault(route.name, []).append(f"{endpoint.method} {endpoint.path}")
+        for route_name, endpoints in taken.items():
+            i = index[route_name]
+            problems.append(
+                (
+                    i,
+                    f"routes[{i}]: dialects.{name} takes {', '.join(endpoints)} from this "
+                    f"route ({route_name}): set yield_to_dialects: true on the route, or move "
+                    f"(dialects.{name}.path) or disable the dialect",
+                )
+            )
+    return [line for _, line in sorted(problems, key=lambda problem: problem[0])]
+
+
+def _takers(router: Router, settings: Settings, endpoint: Endpoint) -> list[Route]:
+    """The routes that would get requests to ``endpoint`` if no dialect answered: the one
+    the router picks for the path, and for a ``{param}`` segment any exact route at a
+    path the parameter matches."""
+    found = []
+    match = router.match(endpoint.path, endpoint.method)
+    if isinstance(match, Match):
+        found.append(match.route)
+    parent, _, last = endpoint.path.rpartition("/")
+    if last.startswith("{") and last.endswith("}"):
+        for route in settings.routes:
+            if route.path is None or route in found:
+                continue
+            route_parent, _, route_last = route.path.rpartition("/")
+            allowed = not route.methods or endpoint.method in route.methods
+            if route_parent == parent and route_last and allowed:
+                found.append(route)
+    return found
 
 
 async def serve(
@@ -123,6 +179,9 @@ async def serve(
     call = Call(request, auth.record, auth.now_ms, store, settings, params)
     try:
         return await endpoint.handler(call)
+    except ClientLeft:  # mid-body: nobody to answer, and no store failed
+        log.debug("client left during %s %s before sending its body", request.method, spec.name)
+        return spec.error(400, Outcome.INVALID_REQUEST.value, "the body ended early")
     except STORE_ERRORS as exc:
         log.warning("key store unavailable: %s", type(exc).__name__)
         return spec.error(503, Outcome.STORE_ERROR.value, "the key store is unavailable")

@@ -5,7 +5,8 @@ Served, from the configured listing path P (default ``/api/v1/keys``):
 - ``GET P``: the caller's workspace keys, oldest first, 100 a page: ``?offset=`` (keys to
   skip), ``?include_disabled=true`` (disabled keys are left out unless asked for).
 - ``POST P``, ``GET|PATCH|DELETE P/{hash}``: OpenRouter's provisioning API; a key is
-  named by the sha256 hex of its secret, and only keys of the caller's workspace exist.
+  named by ``key_hash`` (its id's hex digits, never anything derived from the secret), and
+  only keys of the caller's workspace exist.
 - ``GET dirname(P)/key``: the calling key itself, which any valid key may read.
 
 Items carry the seed's fields plus the ones the official SDK (``openrouter`` 1.3.84)
@@ -16,14 +17,14 @@ requires to parse a reply (``creator_user_id``, ``external_user``, ``last_used_a
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
+import uuid
 from typing import Any, cast
 
 from aiohttp import web
 
-from gateway.bodies import read_capped
+from gateway.bodies import NotJson, parse_json, read_capped
 from gateway.dialects.base import VIEW, Call, DialectSpec, Endpoint, Handler, json_response
 from gateway.dialects.listing import window
 from gateway.policies.scopes import grants, is_privileged
@@ -35,7 +36,7 @@ PAGE = 100  # OpenRouter's page size; offsets are counted in keys, not pages
 MAX_BODY = 64 * 1024
 CREATE, UPDATE, DELETE = "apikeys:create", "apikeys:update", "apikeys:delete"
 MANAGEMENT = (VIEW, CREATE, UPDATE, DELETE)
-_HASH = re.compile(r"^[0-9a-f]{64}$")
+_HASH = re.compile(r"^[0-9a-f]{32}$")  # key_hash: a key id's hex digits
 _FLAGS = {"true": True, "false": False}
 # The body fields keygate can honour; others (``external``, ...) are refused, not dropped.
 _CREATE_FIELDS = {"name", "limit", "limit_reset", "include_byok_in_limit", "expires_at"}
@@ -78,11 +79,18 @@ def error(status: int, code: str, message: str) -> web.Response:
 # --- rendering ---------------------------------------------------------------------------
 
 
+def key_hash(record: KeyRecord) -> str:
+    """The ``hash`` that names a key here: the 32 hex digits of its id, stable across
+    rotations. OpenRouter's own is the sha256 of the secret; served to every
+    ``apikeys:view`` key, that would give a short imported secret away offline."""
+    return record.id.replace("-", "")
+
+
 def key_json(record: KeyRecord, report: UsageReport) -> dict[str, Any]:
     """One key as OpenRouter lists it (the seed's fields, then the SDK's extra ones)."""
     usage, byok = report.usage_micro, report.byok_micro
     return {
-        "hash": record.hash,
+        "hash": key_hash(record),
         "name": record.name or "",  # the seed's name is a string, never null
         "label": record.label,
         "disabled": record.disabled,
@@ -187,9 +195,10 @@ async def _body(call: Call, allowed: set[str]) -> dict[str, Any]:
     if raw is None:
         raise Refused(413, f"the body exceeds {MAX_BODY} bytes")
     try:
-        body = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise Refused(400, "the body is not valid JSON") from None
+        # Refused too: a lone surrogate (no text to store) and deep nesting, before any write.
+        body = parse_json(raw or b"{}")
+    except NotJson as exc:
+        raise Refused(400, f"the body is refused: {exc}") from None
     if not isinstance(body, dict):
         raise Refused(400, "the body must be a JSON object")
     _same_workspace(call, body.pop("workspace_id", None))
@@ -211,14 +220,11 @@ async def _target(call: Call, *, manage: bool) -> KeyRecord:
 
     To manage it, the caller must hold every privileged scope it has, as on the admin
     API: otherwise a key with ``apikeys:delete`` could remove a more powerful one."""
-    digest = call.params.get("hash", "")
+    named = call.params.get("hash", "")
     record = None
-    if _HASH.match(digest):
-        key_id = await call.store.client.get(call.store.names.by_hash(digest))
-        if key_id is not None:
-            record = await call.store.get(str(key_id), call.caller.workspace_id)
-    # A hash kept for a rotation's grace period still authenticates, but names no key.
-    if record is None or record.hash != digest:
+    if _HASH.fullmatch(named):  # fullmatch: "$" would let a trailing newline through
+        record = await call.store.get(str(uuid.UUID(named)), call.caller.workspace_id)
+    if record is None:
         raise Refused(404, "no API key with this hash")
     if manage:
         beyond = [

@@ -6,10 +6,10 @@ import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import web
-from multidict import MultiDict
 from yarl import URL
 
 from gateway.errors import Outcome
@@ -33,14 +33,19 @@ def upstream_target(ctx: RequestContext, hide_query: str | None) -> str:
     assert ctx.match is not None
     if hide_query is None and ctx.path_is_raw and ctx.match.upstream_path is ctx.path:
         return ctx.request.raw_path  # nothing to re-encode
-    query = ctx.request.query
-    if hide_query is not None and hide_query in query:
-        kept = MultiDict((k, v) for k, v in query.items() if k != hide_query)
-        raw_query = URL.build(query=kept).raw_query_string
-    else:
-        raw_query = ctx.request.raw_path.partition("?")[2]
+    raw_query = ctx.request.raw_path.partition("?")[2]
+    if hide_query is not None:
+        raw_query = without_parameter(raw_query, hide_query)
     target = encode(ctx.match.upstream_path)
     return target + ("?" + raw_query if raw_query else "")
+
+
+def without_parameter(raw_query: str, name: str) -> str:
+    """The raw query without the pairs whose decoded name is ``name`` (as yarl and upstreams
+    decode it: ``api%5Fkey`` too); every other pair is kept byte for byte, in order."""
+    return "&".join(
+        pair for pair in raw_query.split("&") if unquote_plus(pair.partition("=")[0]) != name
+    )
 
 
 def upstream_url(ctx: RequestContext, hide_query: str | None) -> URL:
@@ -132,7 +137,8 @@ async def forward(proxy: Proxy, ctx: RequestContext, meter: CostMeter | None) ->
         proxy.metrics.upstream_error(name, kind)
         if response is None:
             log.info("upstream %s failed: %s", name, exc)
-            return deny(ctx, Outcome.UPSTREAM_ERROR, "the upstream could not be reached")
+            # Unreachable, or reached with an answer that is not valid HTTP (or too large).
+            return deny(ctx, Outcome.UPSTREAM_ERROR, exc.detail)
         ctx.outcome = Outcome.UPSTREAM_ERROR
     except (aiohttp.ClientConnectionResetError, ConnectionResetError):
         if response is None:

@@ -14,6 +14,7 @@ from gateway.proxy.context import KeyIdentity
 HOP_BY_HOP = frozenset(
     (
         "connection",
+        "expect",  # answered here (100 Continue); the upstream gets the body without asking
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
@@ -42,6 +43,8 @@ def request_id(incoming: str | None) -> str:
 
 
 _ALWAYS_REPLACED = HOP_BY_HOP | {"host", "x-request-id"}  # lower-case names
+# A client's own claims about where it connects from: keygate states these (below).
+_REQUEST_REPLACED = _ALWAYS_REPLACED | {"forwarded", "x-real-ip"}
 Headers = list[tuple[str, str]]  # handed to aiohttp as is: no intermediate multidict
 
 
@@ -64,9 +67,11 @@ def upstream_request_headers(
     """Headers for the upstream: hop-by-hop and credentials removed, identity added.
 
     Any ``X-Keygate-*`` header the client sent is dropped first, so an upstream can trust
-    the ones it sees.
+    the ones it sees. ``X-Real-IP`` is the connecting address, whatever the client said; a
+    client's ``Forwarded`` chain is kept only with keygate's element appended (RFC 7239 §4),
+    as X-Forwarded-For is extended, so its last element is always one keygate wrote.
     """
-    skip = _ALWAYS_REPLACED
+    skip = _REQUEST_REPLACED
     if drop or "Connection" in incoming:
         skip = skip | {d.lower() for d in drop} | _connection_tokens(incoming)
     out: Headers = []
@@ -85,12 +90,32 @@ def upstream_request_headers(
     host = incoming.get("Host")
     if host is not None:
         out.append(("X-Forwarded-Host", host))
+    if client_ip:
+        out.append(("X-Real-IP", client_ip))
+    if "Forwarded" in incoming:  # none sent, none invented: X-Forwarded-* say the same
+        chain = (*incoming.getall("Forwarded"), _forwarded_element(client_ip, scheme, host))
+        out.append(("Forwarded", ", ".join(chain)))
     out.append(("X-Request-Id", request_id_value))
     if key is not None:
         out.append(("X-Keygate-Key-Id", key.id))
         out.append(("X-Keygate-Workspace-Id", key.workspace_id))
         out.append(("X-Keygate-Scopes", key.scopes_header))
     return out
+
+
+def _forwarded_element(client_ip: str | None, scheme: str, host: str | None) -> str:
+    """keygate's hop as a Forwarded element: ``for=...;proto=...;host="..."``."""
+    if not client_ip:
+        node = "unknown"
+    elif ":" in client_ip:  # IPv6: bracketed, and quoted since ':' is no token character
+        node = f'"[{client_ip}]"'
+    else:
+        node = client_ip
+    element = f"for={node};proto={scheme}"
+    if host is not None:
+        quoted = host.replace("\\", "\\\\").replace('"', '\\"')
+        element += f';host="{quoted}"'
+    return element
 
 
 def response_skip(hidden: str | None) -> frozenset[str]:

@@ -17,6 +17,7 @@ from gateway.errors import Outcome, problem
 from gateway.proxy.headers import REQUEST_ID
 from gateway.proxy.steps import KEY_DENIALS
 from gateway.store.connection import STORE_ERRORS
+from gateway.store.secrets import has_bad_checksum
 from gateway.usage.report import UsageReport
 
 if TYPE_CHECKING:
@@ -25,9 +26,9 @@ if TYPE_CHECKING:
 PATH = "/v1/key"
 
 
-def is_own_key_request(request: web.BaseRequest) -> bool:
-    raw = request.raw_path
-    return request.method == "GET" and (raw == PATH or raw.startswith(PATH + "?"))
+def is_own_key_request(method: str, path: str) -> bool:
+    """``path`` is the request's normalised path (its query dropped)."""
+    return method == "GET" and path == PATH
 
 
 async def own_key(proxy: Proxy, request: web.BaseRequest, request_id: str) -> web.Response:
@@ -42,6 +43,8 @@ async def _answer(proxy: Proxy, request: web.BaseRequest) -> web.Response:
     found = extract(request.headers, query, keys.sources, keys.query_param)
     if found.secret is None:
         return problem(found.outcome, found.detail)
+    if has_bad_checksum(found.secret, keys.secret_prefix):  # refused as on every route
+        return problem(*KEY_DENIALS["not_found"])
     try:
         reply = await proxy.authorizer.report(found.secret)
     except STORE_ERRORS:

@@ -26,10 +26,16 @@ class BadPath(ValueError):
 def normalize(raw_target: str) -> str:
     """The decoded, dot-free, single-slash path of a raw request target (query dropped).
 
+    A fragment is refused, not dropped: a client never sends one (RFC 9112 §3.2), and
+    cutting the target there is a guess an upstream may not share.
+
     Encoded slashes, backslashes and control characters are refused rather than guessed
     at: upstreams disagree on what they mean, and that disagreement is how bypasses work.
     """
-    path = raw_target.split("?", 1)[0].split("#", 1)[0]
+    if "#" in raw_target:
+        # origin-form has no fragment; upstreams disagree on where such a target ends.
+        raise BadPath("a request target carries no fragment ('#')")
+    path = raw_target.split("?", 1)[0]
     if not path.startswith("/"):
         raise BadPath("the request target must be an absolute path")
     lowered = path.lower()

@@ -17,19 +17,21 @@ from gateway.config.model import Settings, Upstream
 from gateway.dialects import mount as dialects
 from gateway.dialects.mount import DialectRouter, registry
 from gateway.errors import Outcome
+from gateway.listener import unanswered_status
 from gateway.metrics import OWN_KEY, Metrics
 from gateway.policies import ratelimit
 from gateway.policies.limits import RoutePolicy
 from gateway.proxy.authorize import KeyAuthorizer
 from gateway.proxy.context import RequestContext
 from gateway.proxy.deadlines import Deadlines
+from gateway.proxy.expect import close_if_body_withheld, send_continue
 from gateway.proxy.forward import forward
 from gateway.proxy.headers import REQUEST_ID, request_id
 from gateway.proxy.metrics_endpoint import metrics_on_proxy
 from gateway.proxy.own_key import is_own_key_request, own_key
 from gateway.proxy.routing import Router
 from gateway.proxy.settle import Settlements
-from gateway.proxy.steps import Step
+from gateway.proxy.steps import Step, read_path
 from gateway.proxy.upstream_http import UpstreamPool
 from gateway.proxy.websocket import is_upgrade, proxy_websocket
 from gateway.store.connection import STORE_ERRORS
@@ -95,7 +97,13 @@ class Proxy:
         self.chain = tuple(chain)
         self.sessions: dict[str, aiohttp.ClientSession] = {}  # WebSocket routes
         self.pools = {
-            name: UpstreamPool(u.url, u.pool_size, u.timeouts.connect)
+            name: UpstreamPool(
+                u.url,
+                u.pool_size,
+                u.timeouts.connect,
+                max_head_bytes=u.max_response_head_bytes,
+                max_header_fields=u.max_response_headers,
+            )
             for name, u in settings.upstreams.items()
         }
         self.deadlines = Deadlines()
@@ -157,11 +165,14 @@ class Proxy:
         response: web.StreamResponse | None = None
         try:
             response = await self._respond(ctx)
+            close_if_body_withheld(request, response)  # refused before asking for the body
             return response
         finally:
             metrics.in_flight.dec()
-            # No response: the client left first (nginx's 499).
-            status = response.status if response is not None else 499
+            # No response: the client left first (nginx's 499), or its upload stalled (408).
+            status = response.status if response is not None else unanswered_status(request)
+            if status == 408:
+                ctx.outcome = Outcome.INVALID_REQUEST
             route = ctx.match.route.name if ctx.match is not None else ctx.endpoint
             total = time.perf_counter() - started
             metrics.request(route, request.method, status, ctx.outcome.value, total, ctx.upstream_s)
@@ -173,12 +184,15 @@ class Proxy:
 
     async def _respond(self, ctx: RequestContext) -> web.StreamResponse:
         request = ctx.request
-        if is_own_key_request(request):
+        if (refused := read_path(ctx)) is not None:  # the one path every matcher below uses
+            refused.headers[REQUEST_ID] = ctx.request_id
+            return refused
+        if is_own_key_request(request.method, ctx.path):
             ctx.endpoint = OWN_KEY
             answer = await own_key(self, request, ctx.request_id)
             ctx.outcome = outcome_of(answer.status)
             return answer
-        if self.dialects and (found := self.dialects.match(request.raw_path)) is not None:
+        if self.dialects and (found := self.dialects.match(ctx.path)) is not None:
             assert self.store is not None
             ctx.endpoint = found[0].route_label or f"dialect:{found[0].name}"
             answer = await dialects.serve(found, request, self.store, self.settings)
@@ -192,6 +206,7 @@ class Proxy:
                 return response
         decision = ctx.decision  # None when let through on a store error (fail_open)
         meter = None if decision is None or ctx.policy is None else ctx.policy.meter()
+        await send_continue(request)  # authorised: a client holding its body back sends it
         try:
             if ctx.match is not None and ctx.match.route.websocket and is_upgrade(request):
                 response = await proxy_websocket(self, ctx, meter)

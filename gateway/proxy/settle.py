@@ -23,6 +23,7 @@ from redis.exceptions import NoScriptError
 from gateway.proxy.authorize import HELD, SETTLE
 from gateway.proxy.context import RequestContext
 from gateway.store.connection import STORE_ERRORS
+from gateway.store.multiplex import reply_text
 from gateway.usage.periods import DAY_MS, day_hint
 
 if TYPE_CHECKING:
@@ -89,8 +90,9 @@ class Settlements:
 
     def release(self, reply: list[Any], keys: tuple[str, str], policy: RoutePolicy) -> None:
         """Refund what an authorization reserved for a request that was gone before it
-        could be forwarded (its client left while the script ran)."""
-        if str(reply[0]) == "ok" and int(reply[HELD]) != 0:
+        could be forwarded (its client left while the script ran). ``reply`` is the
+        authorize script's, as the multiplexer gives it (text as str or bytes)."""
+        if reply_text(reply[0]) == "ok" and int(reply[HELD]) != 0:
             self._add(keys[0], keys[1], int(reply[1]), policy.byok, -int(reply[HELD]))
 
     def _add(self, record: str, usage: str, now_ms: int, byok: str, delta: int) -> None:

@@ -10,18 +10,19 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from gateway.bodies import read_capped
-from gateway.credentials import extract
+from gateway.bodies import ClientLeft, is_text, read_capped
+from gateway.credentials import carrier_headers, extract, reads_authorization
 from gateway.errors import Outcome, problem
 from gateway.policies import ratelimit
 from gateway.policies.limits import RoutePolicy
 from gateway.policies.scopes import missing
 from gateway.proxy.authorize import BlockedCap, Decision
 from gateway.proxy.context import RequestContext
+from gateway.proxy.expect import send_continue
 from gateway.proxy.paths import BadPath, is_plain, normalize
 from gateway.proxy.routing import MethodNotAllowed
 from gateway.store.connection import STORE_ERRORS
-from gateway.store.record import from_micro, rfc3339
+from gateway.store.record import MICRO, from_micro, rfc3339
 
 if TYPE_CHECKING:
     from gateway.proxy.service import Proxy
@@ -35,16 +36,25 @@ def deny(ctx: RequestContext, outcome: Outcome, detail: str, **extra: Any) -> we
     return problem(outcome, detail, error_format=ctx.error_format, **extra)
 
 
-async def match_route(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse | None:
+def read_path(ctx: RequestContext) -> web.Response | None:
+    """Set ``ctx.path``, the one normalised path every matcher uses (GET /v1/key, the
+    dialects, the routes), so no spelling of a path reaches another endpoint than its plain
+    form; or refuse the target (400). A plain target costs no normalising."""
     raw = ctx.request.raw_path
     if is_plain(raw):
         ctx.path = raw.partition("?")[0]
         ctx.path_is_raw = True
-    else:
-        try:
-            ctx.path = normalize(raw)
-        except (BadPath, UnicodeDecodeError) as exc:
-            return deny(ctx, Outcome.INVALID_REQUEST, f"path: {exc}")
+        return None
+    try:
+        ctx.path = normalize(raw)
+    except (BadPath, UnicodeDecodeError) as exc:
+        return deny(ctx, Outcome.INVALID_REQUEST, f"path: {exc}")
+    return None
+
+
+async def match_route(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse | None:
+    if not ctx.path and (refused := read_path(ctx)) is not None:  # unless the proxy read it
+        return refused
     found = proxy.router.match(ctx.path, ctx.request.method)
     if found is None:
         return deny(ctx, Outcome.NOT_FOUND, "no route serves this path")
@@ -62,16 +72,39 @@ async def match_route(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse |
 async def take_credential(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse | None:
     assert ctx.match is not None
     keys = proxy.settings.keys
+    request = ctx.request
     sources = ctx.match.route.sources or keys.sources
-    query = ctx.request.query if "query" in sources else None
-    found = extract(ctx.request.headers, query, sources, keys.query_param)
+    query = request.query if "query" in sources else None
+    found = extract(request.headers, query, sources, keys.query_param)
     if found.secret is None:
         return deny(ctx, found.outcome, found.detail)
+    in_query = found.in_query
+    if query is None and _query_may_name(request.raw_path, keys.query_param):
+        # keygate's credential parameter, though no source here: an upstream may read it,
+        # so it is the accepted key (hidden like one) or a second credential (400).
+        values = request.query.getall(keys.query_param, ())
+        if any(value != found.secret for value in values):
+            detail = f"{keys.query_param}: a second API key in the query; send one"
+            return deny(ctx, Outcome.INVALID_REQUEST, detail)
+        in_query = bool(values)
+    if (
+        not reads_authorization(sources)
+        and "Authorization" in request.headers
+        and proxy.pools[ctx.match.upstream.name].credentials
+    ):  # the upstream URL's credentials go in Authorization; a client's would replace them
+        detail = "Authorization: this route's upstream credentials are keygate's; send none"
+        return deny(ctx, Outcome.INVALID_REQUEST, detail)
     ctx.secret = found.secret
     if keys.hide_credentials:
-        ctx.credential_headers = found.headers
-        ctx.credential_in_query = found.in_query
+        ctx.credential_headers = carrier_headers(sources)
+        ctx.credential_in_query = in_query
     return None
+
+
+def _query_may_name(raw_target: str, name: str) -> bool:
+    """Whether the raw query may hold parameter ``name``, perhaps escaped; parses nothing."""
+    _, mark, query = raw_target.partition("?")
+    return bool(mark) and (name in query or "%" in query)
 
 
 KEY_DENIALS = {  # the script's refusals of the key itself, also for GET /v1/key
@@ -157,17 +190,24 @@ def _refusal(
 
 
 def spend_denied(ctx: RequestContext, cap: BlockedCap, now_ms: int) -> web.Response:
-    """402 naming the cap, its amount and its reset; Retry-After until then."""
-    amount = from_micro(cap.amount_micro)
+    """402 naming the cap: its amount, what is used, what this request reserves (the
+    route's reserve) and when it resets; Retry-After until then. A cap is either used up
+    or has room, but not for this request's reservation: the detail says which."""
+    reserved = int(ctx.policy.reserve or 0) if ctx.policy is not None else 0
     if cap.resets_at_ms is None:
-        detail = f"the key has used its {cap.name} of {amount:g} for all time"
-        headers = {}
+        which, until, headers = f"{cap.name} over all time", "", {}
+    else:
+        which = f"{cap.period} {cap.name}"
+        until = f"; it resets at {rfc3339(cap.resets_at_ms)}"
+        headers = {"Retry-After": str(max(1, -(-(cap.resets_at_ms - now_ms) // 1000)))}
+    amount, used = _credits(cap.amount_micro), _credits(cap.counted_micro)
+    if cap.counted_micro >= cap.amount_micro:
+        detail = f"the key's {which} of {amount} is used up ({used} used){until}"
     else:
         detail = (
-            f"the key has used its {cap.period} {cap.name} of {amount:g}; "
-            f"it resets at {rfc3339(cap.resets_at_ms)}"
+            f"the key's {which} is {amount}: {used} is used and this request reserves "
+            f"{_credits(reserved)}, which would pass it{until}"
         )
-        headers = {"Retry-After": str(max(1, -(-(cap.resets_at_ms - now_ms) // 1000)))}
     ctx.outcome = Outcome.SPEND_LIMITED
     return problem(
         Outcome.SPEND_LIMITED,
@@ -177,13 +217,20 @@ def spend_denied(ctx: RequestContext, cap: BlockedCap, now_ms: int) -> web.Respo
         extra={
             "cap": {
                 "name": cap.name,
-                "amount": amount,
+                "amount": from_micro(cap.amount_micro),
                 "period": cap.period,
                 "used": from_micro(cap.counted_micro),
+                "reserved": from_micro(reserved),
                 "resets_at": rfc3339(cap.resets_at_ms),
             }
         },
     )
+
+
+def _credits(micro: int) -> str:
+    """Credits as a person reads them: exact to the micro-unit, no exponent, no trailing
+    zeros (4.5, 1000000, 0.000001)."""
+    return f"{micro / MICRO:.6f}".rstrip("0").rstrip(".")
 
 
 def _resource_without_body(ctx: RequestContext) -> str | web.Response | None:
@@ -208,7 +255,11 @@ async def _resource_from_body(ctx: RequestContext) -> str | web.Response:
     assert ctx.match is not None and ctx.match.route.resource is not None
     rule = ctx.match.route.resource
     assert rule.json is not None
-    body = await read_capped(ctx.request.content, rule.max_body_bytes)
+    await send_continue(ctx.request)  # the key is known and restricted: its body decides
+    try:
+        body = await read_capped(ctx.request.content, rule.max_body_bytes)
+    except ClientLeft:  # not a store error: nothing to count as one, nothing to let through
+        return deny(ctx, Outcome.INVALID_REQUEST, "the body ended before its announced length")
     if body is None:
         return deny(
             ctx,
@@ -217,13 +268,14 @@ async def _resource_from_body(ctx: RequestContext) -> str | web.Response:
         )
     ctx.body = body
     resource = _json_field(body, rule.json)
-    return resource if isinstance(resource, str) else ""
+    # A lone surrogate is no text any key's resources hold, nor one Redis can be sent.
+    return resource if isinstance(resource, str) and is_text(resource) else ""
 
 
 def _json_field(body: bytes, dotted: str) -> object:
     try:
         value: object = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the interpreter's limit
         return None
     for part in dotted.split("."):
         if not isinstance(value, dict):

@@ -60,9 +60,11 @@ class ClusterMultiplexer:
         socket_timeout: float,
         replica_acks: int = 0,
         replica_ack_timeout: float = 0.5,
+        health_check_interval: float = 0.0,
     ) -> None:
         self._target = target
         self._timeouts = (connect_timeout, socket_timeout)
+        self._health_check_interval = health_check_interval
         self._replicas = (replica_acks, replica_ack_timeout)
         self._seeds: list[Address] = list(target.hosts)
         self._owners: list[Address | None] = [None] * SLOTS
@@ -113,14 +115,21 @@ class ClusterMultiplexer:
         when_cancelled: Callable[[Any], None],
     ) -> Any:
         def send(node: RedisMultiplexer, asking: bool) -> Awaitable[Any]:
-            if asking:  # the slot is half moved: the target runs it once, after ASKING
-                return node.execute_asking("EVAL", script.source, len(keys), *keys, *args)
-            return node.run_script(script, keys, args, when_cancelled)
+            # asking: the slot is half moved; the target runs it once, after ASKING, and a
+            # cancelled caller's reply still reaches when_cancelled.
+            return node.run_script(script, keys, args, when_cancelled, asking=asking)
 
         return await self._routed(key_slot(keys[0]) if keys else 0, send)
 
     async def late_replies_handled(self) -> None:
         await asyncio.gather(*(node.late_replies_handled() for node in self._nodes.values()))
+
+    async def ping(self) -> None:
+        """A PING to every primary the slot map names (learned first if not known), each
+        over the proxy's own connection to it; raises the first failure."""
+        await self.connect()
+        owners = {owner for owner in self._owners if owner is not None}
+        await asyncio.gather(*(self._node(owner).ping() for owner in owners))
 
     async def connect(self) -> None:
         """Learn the slot map if it is not known; raises when no node answers."""
@@ -178,6 +187,7 @@ class ClusterMultiplexer:
                 socket_timeout=self._timeouts[1],
                 replica_acks=self._replicas[0],
                 replica_ack_timeout=self._replicas[1],
+                health_check_interval=self._health_check_interval,
             )
             node.on_unreplicated = lambda: self.on_unreplicated()
             self._nodes[address] = node
@@ -262,4 +272,5 @@ def multiplexer_for(settings: RedisSettings, url: str) -> Multiplexer:
         socket_timeout=settings.socket_timeout,
         replica_acks=settings.replica_acks,
         replica_ack_timeout=settings.replica_ack_timeout,
+        health_check_interval=settings.health_check_interval,
     )

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from gateway.store.record import KEY_TYPES, MICRO, PERIODS, RateLimitSpec, SpendCap
+from gateway.store.secrets import has_bad_checksum
 
 Mode = Literal["create", "import", "update"]
 MAX_MONEY = 1_000_000_000  # credits; keeps micro-units exact in Lua's doubles (< 2**53)
@@ -24,7 +25,12 @@ MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last instant 
 SCOPE_PATTERN = r"^[A-Za-z0-9_.:*-]{1,128}$"
 WORKSPACE_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
-SECRET_PATTERN = r"^[\x21-\x7e]{8,512}$"  # visible ASCII: what fits in an HTTP header
+# An imported secret: visible ASCII (what fits in an HTTP header), at least 16 characters.
+# Its masks show up to a third of it, so 16 leave 11 unknown; a shorter one is guessable.
+MIN_IMPORTED_SECRET = 16
+MAX_SECRET = 512
+SECRET_PATTERN = rf"^[\x21-\x7e]{{{MIN_IMPORTED_SECRET},{MAX_SECRET}}}$"
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]*")
 
 
 class InvalidInput(Exception):
@@ -124,6 +130,21 @@ def _uuid(value: Any, _now: int) -> str:
         return str(uuid.UUID(value)) if isinstance(value, str) else _raise("must be a UUID")
     except ValueError:
         raise ValueError("must be a UUID") from None
+
+
+def _imported_secret(value: Any, _now: int) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    if len(value) < MIN_IMPORTED_SECRET:
+        raise ValueError(
+            f"must be at least {MIN_IMPORTED_SECRET} characters: a shorter secret can be "
+            "guessed; give its sha256 instead to adopt it anyway"
+        )
+    if len(value) > MAX_SECRET:
+        raise ValueError(f"must be at most {MAX_SECRET} characters")
+    if not _VISIBLE_ASCII.fullmatch(value):
+        raise ValueError("must be visible ASCII characters only: no spaces or control characters")
+    return value
 
 
 def _raise(message: str) -> str:
@@ -339,8 +360,10 @@ IMPORT_ONLY: tuple[FieldSpec, ...] = (
         "key",
         "key",
         {"type": "string", "pattern": SECRET_PATTERN},
-        _text(512, SECRET_PATTERN),
-        "The existing secret to adopt (8-512 visible ASCII characters).",
+        _imported_secret,
+        f"The existing secret to adopt ({MIN_IMPORTED_SECRET}-{MAX_SECRET} visible ASCII "
+        "characters). One shaped like a keygate secret (the configured prefix and length) "
+        "must carry a valid checksum.",
         modes=("import",),
     ),
     FieldSpec(
@@ -348,7 +371,7 @@ IMPORT_ONLY: tuple[FieldSpec, ...] = (
         "sha256",
         {"type": "string", "pattern": SHA256_PATTERN},
         _text(64, SHA256_PATTERN),
-        "Or only its sha256, hex.",
+        "Or only its sha256, hex (then keygate never sees the secret and shows none of it).",
         modes=("import",),
     ),
 )
@@ -359,11 +382,18 @@ def fields_for(mode: Mode) -> tuple[FieldSpec, ...]:
     return tuple(spec for spec in (*FIELDS, *IMPORT_ONLY) if mode in spec.modes)
 
 
-def parse(body: Mapping[str, Any], mode: Mode, now_ms: int) -> dict[str, Any]:
+def parse(
+    body: Mapping[str, Any], mode: Mode, now_ms: int, *, secret_prefix: str | None = None
+) -> dict[str, Any]:
     """Validate a JSON object; returns canonical values keyed by stored field name.
 
     A null for a nullable field is kept as None (update clears it). Raises InvalidInput.
+    ``secret_prefix`` (``keys.secret_prefix``) is required to import: an imported secret
+    shaped like a keygate secret with a wrong checksum is refused, because the proxy
+    refuses such a secret on every request without looking it up.
     """
+    if mode == "import" and not secret_prefix:
+        raise TypeError("parse: secret_prefix is required to import")
     errors: list[tuple[str, str]] = []
     values: dict[str, Any] = {}
     allowed = {spec.name for spec in fields_for(mode)}
@@ -384,6 +414,17 @@ def parse(body: Mapping[str, Any], mode: Mode, now_ms: int) -> dict[str, Any]:
             errors.append((name, str(exc)))
     if mode == "import" and ("key" in body) == ("sha256" in body):
         errors.append(("key", "give exactly one of key or sha256"))
+    secret = values.get("key")
+    if secret_prefix and secret is not None and has_bad_checksum(secret, secret_prefix):
+        errors.append(
+            (
+                "key",
+                f"has keygate's secret prefix {secret_prefix!r} and length but a wrong "
+                "checksum (a mistyped keygate key?), so the gateway would refuse it on every "
+                "request; if the old API's keys start with this prefix too, set "
+                "keys.secret_prefix to another one",
+            )
+        )
     if mode == "update" and not body:
         errors.append(("body", "names no field to change"))
     if errors:

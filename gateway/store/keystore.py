@@ -7,7 +7,7 @@ import base64
 import binascii
 import builtins
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -104,22 +104,30 @@ class KeyStore:
         if generated:
             secret = secrets.generate(self.secret_prefix)
         digest = sha256 if sha256 is not None else secrets.hash_secret(secret or "")
+        # In the lookup's Cluster slot: one script creates both (slots.py).
+        key_id = id_in_slot(key_slot(self.names.by_hash(digest)))
+        if secret is None:
+            prefix, label = "", secrets.label_for_hash_import(key_id)
+        elif generated:
+            prefix, label = secrets.display_prefix(secret), secrets.label(secret)
+        else:
+            prefix, label = secrets.imported_masks(secret)
         fields: dict[str, Any] = {
             "type": "PERSONAL",
             "scopes": (),
             "disabled": False,
             "include_byok_in_limit": False,
             **values,
-            # In the lookup's Cluster slot: one script creates both (slots.py).
-            "id": id_in_slot(key_slot(self.names.by_hash(digest))),
+            "id": key_id,
             "hash": digest,
-            "prefix": secrets.display_prefix(secret) if secret else "",
-            "label": secrets.label(secret) if secret else secrets.label_for_hash(digest),
+            "prefix": prefix,
+            "label": label,
             "imported": not generated,
         }
         encoded = encode_fields(fields)
-        flat = [item for pair in encoded.items() for item in pair]
-        key_id = encoded["id"]
+        # Encoded here, before the index write below, so a value Redis cannot take (a lone
+        # surrogate: no UTF-8) fails with nothing written rather than leave index members.
+        flat = [item.encode() for pair in encoded.items() for item in pair]
         # The listing indexes live on other slots than the key, so they are written first:
         # a member whose record never comes is skipped by listings. Their order is the
         # creation instant, which the record then carries too.
@@ -159,7 +167,12 @@ class KeyStore:
         return record
 
     async def authenticate(self, secret: str) -> AuthResult:
-        """Resolve a presented secret: ok, not_found, disabled or expired, with the record."""
+        """Resolve a presented secret: ok, not_found, disabled or expired, with the record.
+
+        A secret shaped like a keygate secret with a wrong checksum is not_found without
+        asking Redis, as on the proxy's routes: one rule on every listener."""
+        if secrets.has_bad_checksum(secret, self.secret_prefix):
+            return AuthResult("not_found", None, 0)
         digest = secrets.hash_secret(secret)
         key_id = cast(str | None, await self.client.get(self.names.by_hash(digest)))
         if key_id is None:
@@ -179,11 +192,13 @@ class KeyStore:
         include_disabled: bool = False,
         limit: int = 100,
         cursor: str | None = None,
+        where: Callable[[KeyRecord], bool] | None = None,
     ) -> Page:
         """One page in creation order; ``workspace_id=None`` lists every workspace.
 
-        The cursor is the last listed index member, so keys created or revoked between
-        pages never make another key repeat or vanish.
+        ``where`` keeps only the records it accepts (after the other filters), so a page is
+        full whenever more keys match. The cursor is the last listed index member, so keys
+        created or revoked between pages never make another key repeat or vanish.
         """
         index = (
             self.names.workspace_index(workspace_id)
@@ -210,6 +225,8 @@ class KeyStore:
                 if user_id is not None and record.user_id != user_id:
                     continue
                 if record.disabled and not include_disabled:
+                    continue
+                if where is not None and not where(record):
                     continue
                 found.append((member, record))
                 if len(found) > limit:

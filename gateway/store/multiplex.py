@@ -16,7 +16,15 @@ than ``socket_timeout`` late (the connection is then presumed broken: it is clos
 call still in flight on it fails too, so a late reply can never reach the wrong caller), and
 with redis.exceptions.ConnectionError when the connection is lost. Connecting is lazy,
 bounded by ``connect_timeout`` and shared by concurrent callers; a failed attempt leaves
-nothing behind, so the next call simply tries again.
+nothing behind, so the next call simply tries again. Behind Sentinel, each sentinel gets
+an equal share of ``connect_timeout``, so one that accepts and never answers cannot use up
+the whole budget; one that failed is asked last from then on.
+
+A connection that dies while idle (a NAT or firewall that dropped it says nothing to
+either end) is found before a request needs it: TCP keepalive on the socket, and a PING
+once the connection has been idle for ``health_check_interval`` seconds, whose reply is
+watched like any other (overdue past ``socket_timeout``: the connection is failed, and the
+next call reconnects). The PING is sent only while idle: no round trip is added to a call.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +54,14 @@ Arg = str | bytes | int | float
 _NEED_MORE: Final = object()
 _CLOSE_WAIT = 1.0  # seconds close() waits for the transport to report it is gone
 _ASKING: Final = b"*1\r\n$6\r\nASKING\r\n"
+_PING: Final = b"*1\r\n$4\r\nPING\r\n"
+# TCP keepalive on every Redis socket: the first probe after this many idle seconds, then
+# one every _KEEPALIVE_INTERVAL; _KEEPALIVE_COUNT unanswered probes and the kernel fails
+# the socket. The kernel's defaults (two hours before the first probe) outlast most NATs'
+# idle timeouts, so without these a dropped mapping would never be noticed.
+_KEEPALIVE_IDLE = 15
+_KEEPALIVE_INTERVAL = 5
+_KEEPALIVE_COUNT = 3
 _NO_PASSWORD: Final = "called without any password configured"
 
 
@@ -73,6 +90,7 @@ class MultiplexStats:
     commands: int = 0  # commands written, connection set-up (AUTH, SELECT) included
     connects: int = 0  # connections established (the first one, then reconnects)
     timeouts: int = 0  # connections closed because a reply was overdue
+    health_checks: int = 0  # PINGs sent on connections idle for health_check_interval
     unreplicated: int = 0  # batches that fewer replicas than replica_acks confirmed in time
 
 
@@ -162,6 +180,7 @@ class _Connection(asyncio.Protocol):
         late: _LateReplies,
         acks: ReplicaAcks | None = None,
         unreplicated: Callable[[], None] = _nothing,
+        idle_check: float = 0.0,
     ) -> None:
         self.open = False  # True from connect until the first failure or close
         self._late = late  # a cancelled caller's handler for its reply (see when_cancelled)
@@ -193,6 +212,13 @@ class _Connection(asyncio.Protocol):
         self._waiting = False
         self._unreplicated = unreplicated
         self._held: list[tuple[asyncio.Future[Any], asyncio.Future[Any]]] = []
+        # With idle_check (seconds): a PING once nothing has been written for that long, so
+        # a connection that died unused fails by the watchdog, not on a request. One timer
+        # per connection, moved along by writes; never a PING while replies are due (the
+        # watchdog watches those already).
+        self._idle_check = idle_check
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._last_write = 0.0
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -236,7 +262,8 @@ class _Connection(asyncio.Protocol):
         self._transport.write(out[0] if len(out) == 1 else b"".join(out))
         self._stats.writes += 1
         self._stats.commands += len(out)
-        deadline = self._loop.time() + self._timeout + extra
+        self._last_write = now = self._loop.time()
+        deadline = now + self._timeout + extra
         self._batches.append((self._sent, deadline))
         if self._watchdog is None:
             self._watchdog = self._loop.call_at(deadline, self._check_overdue)
@@ -252,6 +279,21 @@ class _Connection(asyncio.Protocol):
             self._fail(RedisTimeoutError, f"no reply from Redis within {self._timeout:g}s")
         else:
             self._watchdog = self._loop.call_at(deadline, self._check_overdue)
+
+    def _check_idle(self) -> None:
+        """Send a PING if nothing was written for idle_check seconds and no reply is due;
+        then look again when the connection will next have been idle that long."""
+        self._idle_timer = None
+        if not self.open:
+            return
+        now = self._loop.time()
+        due = self._last_write + self._idle_check
+        if due <= now:
+            if not self._pending and not self._out:
+                self._stats.health_checks += 1
+                self.send(_PING).add_done_callback(_consume)  # overdue: the watchdog fails it
+            due = now + self._idle_check
+        self._idle_timer = self._loop.call_at(due, self._check_idle)
 
     def _forget_answered_batches(self) -> None:
         batches = self._batches
@@ -292,6 +334,9 @@ class _Connection(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport, but have its methods.
         self._transport = cast(asyncio.Transport, transport)
         self.open = True
+        if self._idle_check > 0:
+            self._last_write = now = self._loop.time()
+            self._idle_timer = self._loop.call_at(now + self._idle_check, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
         reader, pending = self._reader, self._pending
@@ -348,6 +393,9 @@ class _Connection(asyncio.Protocol):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self._out.clear()
         self._batches.clear()
         pending, self._pending = self._pending, collections.deque()
@@ -376,9 +424,12 @@ class RedisMultiplexer:
         replica_acks: int = 0,
         replica_ack_timeout: float = 0.5,
         address: tuple[str, int] | None = None,
+        health_check_interval: float = 0.0,
     ) -> None:
         """``where``: a URL or a parsed target, one server or a Sentinel-watched primary
-        (a Cluster's nodes each get one of these, with their ``address``)."""
+        (a Cluster's nodes each get one of these, with their ``address``).
+        ``health_check_interval``: seconds of idleness after which a connection is sent a
+        PING (0: never; the proxy passes ``redis.health_check_interval``)."""
         target = parse_target(where, RedisSettings()) if isinstance(where, str) else where
         if target.kind == "cluster" and address is None:
             raise ValueError("a Redis Cluster needs ClusterMultiplexer")
@@ -394,6 +445,7 @@ class RedisMultiplexer:
         self.on_unreplicated: Callable[[], None] = _nothing
         self._connect_timeout = connect_timeout
         self._socket_timeout = socket_timeout
+        self._health_check_interval = health_check_interval
         self._decode = decode_responses
         self._connection: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
@@ -427,6 +479,11 @@ class RedisMultiplexer:
             return None
         return connection.send(_pack(args))
 
+    async def ping(self) -> None:
+        """A PING over this client's own connection (opened first if none is): raises as
+        ``execute`` does. What the readiness probe asks of the proxy's path to Redis."""
+        await self.execute("PING")
+
     async def execute_asking(self, *args: Arg) -> Any:
         """``execute`` preceded by ASKING on the same connection (a Cluster's ASK
         redirection: the slot is being imported here)."""
@@ -443,15 +500,25 @@ class RedisMultiplexer:
         keys: Sequence[str],
         args: Sequence[Arg],
         when_cancelled: Callable[[Any], None],
+        *,
+        asking: bool = False,
     ) -> Any:
         """``evalsha``, for a script whose effects must not be lost with its caller: if the
         caller is cancelled after the script was sent, ``when_cancelled`` gets the reply
-        when it arrives (not an error reply; nothing when the connection fails first)."""
+        when it arrives (not an error reply; nothing when the connection fails first).
+
+        ``asking``: after a Cluster's ASK redirection; the script goes as EVAL (the node
+        importing the slot may not have it cached), preceded by ASKING on the same
+        connection, and ``when_cancelled`` holds as well."""
         tail = (len(keys), *keys, *args)
-        for head in (("EVALSHA", script.sha), ("EVAL", script.source)):
+        source: tuple[Arg, ...] = ("EVAL", script.source)
+        heads = (source,) if asking else (("EVALSHA", script.sha), source)
+        for head in heads:
             connection = self._connection
             if connection is None or not connection.open:
                 connection = await self._connect()
+            if asking:
+                connection.send(_ASKING).add_done_callback(_consume)
             future = connection.send(_pack((*head, *tail)))
             try:
                 return await future
@@ -462,6 +529,10 @@ class RedisMultiplexer:
                     self._late[future] = lambda reply: (
                         None if isinstance(reply, Exception) else when_cancelled(reply)
                     )
+                elif future.done() and future.exception() is None:
+                    # The reply was read in the same loop turn as the cancellation, before
+                    # this caller resumed: it is here already, and the handler gets it now.
+                    when_cancelled(future.result())
                 raise
         raise AssertionError("EVAL does not answer NOSCRIPT")
 
@@ -537,6 +608,7 @@ class RedisMultiplexer:
                 self._late,
                 self._acks,
                 lambda: self.on_unreplicated(),
+                self._health_check_interval,
             )
 
         connection: _Connection | None = None
@@ -575,8 +647,12 @@ class RedisMultiplexer:
         return connection
 
     async def _primary_from_sentinels(self) -> _Endpoint:
-        """The primary's address, from the first sentinel that knows it (which is then
-        asked first next time, as redis-py does)."""
+        """The primary's address, from the first sentinel that knows it.
+
+        Each sentinel gets an equal share of connect_timeout, so one that accepts and
+        never answers costs its share, not the whole budget, and the others are asked.
+        The one that answered is asked first next time (as redis-py does), and those
+        that failed before it go to the back."""
         target = self._target
         sentinel_setup: list[tuple[Arg, ...]] = []
         if target.sentinel_password is not None:
@@ -585,20 +661,22 @@ class RedisMultiplexer:
         question = ("SENTINEL", "GET-MASTER-ADDR-BY-NAME", target.service)
         loop = asyncio.get_running_loop()
         failures: list[str] = []
+        share = self._connect_timeout / len(self._sentinels)
         for i, address in enumerate(self._sentinels):
             sentinel = _Endpoint(address[0], address[1], None, self._tls, tuple(sentinel_setup))
             connection: _Connection | None = None
             try:
-                connection = await _open_connection(
-                    sentinel,
-                    lambda: _Connection(
-                        loop, self._socket_timeout, True, MultiplexStats(), _LateReplies()
-                    ),
-                )
-                for command in sentinel.setup:
-                    await connection.send(_pack(command))
-                reply = await connection.send(_pack(question))
-            except (OSError, RedisError) as exc:
+                async with asyncio.timeout(share):
+                    connection = await _open_connection(
+                        sentinel,
+                        lambda: _Connection(
+                            loop, self._socket_timeout, True, MultiplexStats(), _LateReplies()
+                        ),
+                    )
+                    for command in sentinel.setup:
+                        await connection.send(_pack(command))
+                    reply = await connection.send(_pack(question))
+            except (OSError, RedisError) as exc:  # TimeoutError (its share used up) included
                 failures.append(f"{address[0]}:{address[1]} ({type(exc).__name__})")
                 continue
             finally:
@@ -608,7 +686,7 @@ class RedisMultiplexer:
                 failures.append(f"{address[0]}:{address[1]} (does not know {target.service!r})")
                 continue
             if i:
-                self._sentinels.insert(0, self._sentinels.pop(i))
+                self._sentinels = self._sentinels[i:] + self._sentinels[:i]
             return endpoint(target, (reply_text(reply[0]), int(reply[1])), self._tls)
         raise RedisConnectionError(
             f"no sentinel knows the primary {target.service!r}: {', '.join(failures)}"
@@ -620,14 +698,32 @@ async def _open_connection(where: _Endpoint, protocol: Callable[[], _Connection]
     if where.path is not None:
         _, connection = await loop.create_unix_connection(protocol, where.path)
     else:
-        _, connection = await loop.create_connection(
+        transport, connection = await loop.create_connection(
             protocol,
             where.host,
             where.port,
             ssl=where.tls,
             server_hostname=where.host if where.tls else None,
         )
+        _keep_alive(transport.get_extra_info("socket"))
     return connection
+
+
+def _keep_alive(sock: socket.socket | None) -> None:
+    """TCP keepalive with short timers (see _KEEPALIVE_IDLE), where the platform has them."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        # TCP_KEEPIDLE on Linux, TCP_KEEPALIVE on macOS.
+        idle = getattr(socket, "TCP_KEEPIDLE", None) or getattr(socket, "TCP_KEEPALIVE", None)
+        for option, value in (
+            (idle, _KEEPALIVE_IDLE),
+            (getattr(socket, "TCP_KEEPINTVL", None), _KEEPALIVE_INTERVAL),
+            (getattr(socket, "TCP_KEEPCNT", None), _KEEPALIVE_COUNT),
+        ):
+            if option is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def reply_text(value: Any) -> str:

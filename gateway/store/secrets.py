@@ -57,21 +57,31 @@ def hash_secret(secret: str) -> str:
 
 
 def display_prefix(secret: str) -> str:
-    """The leading characters safe to store and show.
-
-    Keygate secrets show 12 characters (9 of 30 random ones). An imported secret may be
-    short, so it never shows more than a third of itself.
-    """
+    """The leading characters of a generated secret safe to store and show: 12 characters
+    (9 of its 30 random ones). Imported secrets use ``imported_masks``."""
     return secret[: min(PREFIX_DISPLAY_LENGTH, len(secret) // 3)]
 
 
 def label(secret: str) -> str:
-    """Masked display form, e.g. ``kg_7fK2...x9Qa``; never more than half the secret."""
+    """Masked display form of a generated secret, e.g. ``kg_7fK2...x9Qa``: the first 7
+    characters (within ``display_prefix``) and the last 4, which are checksum."""
     head = secret[: min(7, len(secret) // 4)]
     tail = secret[-min(4, len(secret) // 8) :] if len(secret) >= 8 else ""
     return f"{head}...{tail}"
 
 
-def label_for_hash(sha256_hex: str) -> str:
-    """Display form of a key imported by hash only: nothing of the secret is known."""
-    return f"sha256:{sha256_hex[:8]}..."
+def imported_masks(secret: str) -> tuple[str, str]:
+    """The display prefix and label of an imported secret, whose format keygate does not
+    know: the two overlap (the label starts with the prefix) and together show at most a
+    third of the secret, at most 12 characters in front and 4 at the end."""
+    budget = len(secret) // 3
+    tail = min(4, budget // 4)
+    head = min(PREFIX_DISPLAY_LENGTH, budget - tail)
+    shown_tail = secret[len(secret) - tail :] if tail else ""
+    return secret[:head], f"{secret[:head]}...{shown_tail}"
+
+
+def label_for_hash_import(key_id: str) -> str:
+    """Display form of a key imported by its sha256 only: from its id, as nothing of the
+    secret is known, and any part of the hash would narrow a guess of a short secret."""
+    return f"imported:{key_id[:8]}"

@@ -233,3 +233,62 @@ async def test_openapi_document_is_served(admin_client: Client) -> None:
     response = await admin_client.get("/openapi.json")
     assert response.status == 200
     assert (await response.json())["openapi"] == "3.1.0"
+
+
+async def test_an_import_shaped_like_a_keygate_key_with_a_bad_checksum_is_400(
+    admin_client: Client, make_key: MakeKey, store: KeyStore
+) -> None:
+    """The proxy refuses such a secret before asking Redis (a mistyped keygate key), so
+    adopting it would make a key that works nowhere: refused at import, naming the field."""
+    admin = await _admin(make_key)
+    generated = secrets.generate("kg_")
+    mistyped = generated[:-1] + ("A" if generated[-1] != "A" else "B")
+    response = await admin_client.post(
+        "/v1/keys/import", json={"key": mistyped}, headers=bearer(admin)
+    )
+    assert response.status == 400, await response.text()
+    body = await response.json()
+    assert [e["field"] for e in body["errors"]] == ["key"]
+    assert "checksum" in body["detail"] and "keys.secret_prefix" in body["detail"]
+    assert mistyped not in await response.text()
+    assert await store.count("ws-a") == 1  # only the admin: nothing was written
+    # A real keygate secret (another deployment's, say) is adopted as it is.
+    adopted = await admin_client.post(
+        "/v1/keys/import", json={"key": generated}, headers=bearer(admin)
+    )
+    assert adopted.status == 201
+
+
+async def test_a_short_import_is_400_naming_the_key(
+    admin_client: Client, make_key: MakeKey, store: KeyStore
+) -> None:
+    admin = await _admin(make_key)
+    for short in ("sk-12345", "sk-0123456789ab"):  # 8 and 15 characters
+        response = await admin_client.post(
+            "/v1/keys/import", json={"key": short}, headers=bearer(admin)
+        )
+        assert response.status == 400, await response.text()
+        body = await response.json()
+        assert [e["field"] for e in body["errors"]] == ["key"]
+        assert "at least 16 characters" in body["detail"] and "sha256" in body["detail"]
+    sixteen = await admin_client.post(
+        "/v1/keys/import", json={"key": "sk-0123456789abc"}, headers=bearer(admin)
+    )
+    assert sixteen.status == 201
+    assert await store.count("ws-a") == 2
+
+
+async def test_a_sha256_import_of_a_mistyped_keygate_key_is_refused_on_every_listener(
+    admin_client: Client, make_key: MakeKey, store: KeyStore
+) -> None:
+    """Only the hash was given, so the import cannot tell; the key then fails everywhere
+    (401), as on the proxy's routes, never works on one listener and not another."""
+    generated = secrets.generate("kg_")
+    mistyped = generated[:-1] + ("A" if generated[-1] != "A" else "B")
+    await store.create(
+        {"workspace_id": "ws-a", "user_id": str(uuid.uuid4()), "scopes": ("apikeys:*",)},
+        sha256=secrets.hash_secret(mistyped),
+    )
+    response = await admin_client.get("/v1/keys", headers=bearer(mistyped))
+    assert response.status == 401
+    assert (await response.json())["code"] == "invalid_key"

@@ -85,7 +85,7 @@ def test_gateway_yaml_has_the_design_shape() -> None:
     prefixed = [r for r in s.routes if r.prefix is not None]
     assert prefixed and prefixed[0].strip_prefix
     assert len(prefixed[0].scopes) > 1  # scopes per method
-    assert all(d.enabled for d in s.dialects.values())
+    assert not any(d.enabled for d in s.dialects.values())  # opt-in: they manage keys
 
 
 def _fields(cls: type) -> set[str]:
@@ -116,6 +116,12 @@ def test_gateway_yaml_sets_every_option_the_loader_accepts() -> None:
 def test_gateway_yaml_states_the_defaults() -> None:
     documented = load(CONFIG / "gateway.yaml", environ={})
     defaults = load(None, environ={})
+    # The same relative data_dir: next to the file, or (no file) in the working directory.
+    assert documented.redis.data_dir == CONFIG / ".keygate"
+    assert defaults.redis.data_dir == Path.cwd() / ".keygate"
+    documented = dataclasses.replace(
+        documented, redis=dataclasses.replace(documented.redis, data_dir=defaults.redis.data_dir)
+    )
     for name in ("listen", "admin_listen", "workers", "redis", "keys", "admin", "metrics", "log"):
         assert getattr(documented, name) == getattr(defaults, name), name
     assert {n: d.enabled for n, d in documented.dialects.items()} == {
@@ -154,14 +160,14 @@ def test_defaults_without_a_file() -> None:
     assert s.keys.secret_prefix == "kg_"
     assert s.keys.hide_credentials is True
     assert set(s.dialects) == {"langflow", "flowise", "openrouter", "baseten", "konpro"}
-    assert all(d.enabled and d.path is None for d in s.dialects.values())
+    assert not any(d.enabled or d.path is not None for d in s.dialects.values())
     assert (s.upstreams, s.routes) == ({}, ())
     assert (s.log.format, s.log.level) == ("json", "info")
     assert (s.metrics.per_key, s.metrics.per_key_max) == (False, 1000)
 
 
 def test_empty_file_and_null_sections_mean_defaults(tmp_path: Path) -> None:
-    assert load(write(tmp_path, "# nothing\n"), environ={}) == load(None, environ={})
+    assert load(write(tmp_path, "# nothing\n"), environ={}) == build({}, tmp_path)
     nulls = dict.fromkeys(("redis", "keys", "admin", "metrics", "log", "dialects"))
     assert build({**nulls, "upstreams": None, "routes": None}, BASE) == build({}, BASE)
 
@@ -790,53 +796,59 @@ def test_text_options_from_the_environment_keep_their_text(text: str) -> None:
 
 
 ENV_RULES: dict[str, tuple[dict[str, str], list[str]]] = {
-    "workers not a number": ({"KEYGATE_WORKERS": "abc"}, ["workers: must be an integer"]),
-    "workers zero": ({"KEYGATE_WORKERS": "0"}, ["workers: must be an integer >= 1"]),
-    "workers empty": ({"KEYGATE_WORKERS": ""}, ["workers: must be an integer"]),
-    "workers 5000 digits": ({"KEYGATE_WORKERS": "9" * 5000}, ["workers: must be an integer"]),
+    "workers not a number": ({"KEYGATE_WORKERS": "abc"}, ["KEYGATE_WORKERS: must be an integer"]),
+    "workers zero": ({"KEYGATE_WORKERS": "0"}, ["KEYGATE_WORKERS: must be an integer >= 1"]),
+    "workers empty": ({"KEYGATE_WORKERS": ""}, ["KEYGATE_WORKERS: must be an integer"]),
+    "workers 5000 digits": (
+        {"KEYGATE_WORKERS": "9" * 5000},
+        ["KEYGATE_WORKERS: must be an integer"],
+    ),
     "listen a port only": (
         {"KEYGATE_LISTEN": "8080"},
-        ["listen: must be host:port or [ipv6]:port (got '8080')"],
+        ["KEYGATE_LISTEN: must be host:port or [ipv6]:port (got '8080')"],
     ),
     "log level": (
         {"KEYGATE_LOG_LEVEL": "verbose"},
-        ["log.level: must be one of debug, info, warning, error (got 'verbose')"],
+        ["KEYGATE_LOG_LEVEL: must be one of debug, info, warning, error (got 'verbose')"],
     ),
     "log level not YAML": (
         {"KEYGATE_LOG_LEVEL": "[unclosed"},
-        ["log.level: must be one of debug, info, warning, error (got '[unclosed')"],
+        ["KEYGATE_LOG_LEVEL: must be one of debug, info, warning, error (got '[unclosed')"],
     ),
     "redis url": (
         {"KEYGATE_REDIS_URL": "mysql://db"},
         [
-            "redis.url: must be 'embedded' or a redis://, rediss://, unix://, "
+            "KEYGATE_REDIS_URL: must be 'embedded' or a redis://, rediss://, unix://, "
             "redis+sentinel:// or redis+cluster:// URL (got 'mysql://db')"
         ],
     ),
     "key prefix braces": (
         {"KEYGATE_REDIS_KEY_PREFIX": "{kg}"},
-        ["redis.key_prefix: must be non-empty and hold no '{' or '}' (they are hash tags)"],
+        ["KEYGATE_REDIS_KEY_PREFIX: must be non-empty and hold no '{' or '}' (they are hash tags)"],
     ),
     "sources a word": (
         {"KEYGATE_KEYS_SOURCES": "bearer"},
-        ["keys.sources: must be a list of strings"],
+        ["KEYGATE_KEYS_SOURCES: must be a list of strings"],
     ),
     "sources unknown": (
         {"KEYGATE_KEYS_SOURCES": "[bearer, cookie]"},
         [
-            "keys.sources[1]: unknown source 'cookie' "
+            "KEYGATE_KEYS_SOURCES[1]: unknown source 'cookie' "
             "(one of bearer, api_key_scheme, x-api-key, query)"
         ],
     ),
     "sources not YAML": (
         {"KEYGATE_KEYS_SOURCES": "[bearer"},
-        ["keys.sources: must be a list of strings"],
+        ["KEYGATE_KEYS_SOURCES: must be a list of strings"],
     ),
     "timeout": (
         {"KEYGATE_REDIS_SOCKET_TIMEOUT": "-1"},
-        ["redis.socket_timeout: must be a finite number > 0"],
+        ["KEYGATE_REDIS_SOCKET_TIMEOUT: must be a finite number > 0"],
     ),
-    "per_key": ({"KEYGATE_METRICS_PER_KEY": "maybe"}, ["metrics.per_key: must be true or false"]),
+    "per_key": (
+        {"KEYGATE_METRICS_PER_KEY": "maybe"},
+        ["KEYGATE_METRICS_PER_KEY: must be true or false"],
+    ),
 }
 
 
@@ -847,18 +859,34 @@ def test_environment_overrides_are_validated(environ: dict[str, str], expected: 
     assert info.value.problems == expected
 
 
-def test_unrelated_keygate_variables_are_ignored(tmp_path: Path) -> None:
+def test_variables_that_are_not_options_are_ignored(tmp_path: Path) -> None:
     environ = {
         "KEYGATE_TEST_REDIS_URL": "not a url",
         "KEYGATE_CONFIG": "/elsewhere.yaml",
-        "KEYGATE_REDIS_NOPE": "1",
-        "KEYGATE_ROUTES": "[oops]",
-        "KEYGATE_": "x",
+        "KEYGATE_SERVICE_HOST": "10.0.0.7",  # Kubernetes, for a Service named keygate
+        "KEYGATE_PORT": "tcp://10.0.0.7:8080",
         "REDIS_URL": "mysql://db",
         "keygate_workers": "abc",
     }
     path = write(tmp_path, FILE)
     assert load(path, environ=environ) == load(path, environ={})
+
+
+def test_keygate_variables_that_set_nothing_are_problems(tmp_path: Path) -> None:
+    environ = {
+        "KEYGATE_REDIS_NOPE": "1",
+        "KEYGATE_ROUTES": "[oops]",
+        "KEYGATE_": "x",
+        "KEYGATE_WORKERS": "0",  # reported with them
+    }
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, FILE), environ=environ)
+    assert info.value.problems == [
+        "KEYGATE_: no such option (KEYGATE_<SECTION>_<KEY> sets <section>.<key>)",
+        "KEYGATE_REDIS_NOPE: no such option (KEYGATE_<SECTION>_<KEY> sets <section>.<key>)",
+        "KEYGATE_ROUTES: routes can be set in the config file only",
+        "KEYGATE_WORKERS: must be an integer >= 1",
+    ]
 
 
 def test_an_override_does_not_hide_a_malformed_section(tmp_path: Path) -> None:
@@ -886,7 +914,10 @@ def check_config(path: Path, **env: str) -> subprocess.CompletedProcess[str]:
 def test_check_config_accepts_the_documented_config() -> None:
     done = check_config(CONFIG / "gateway.yaml")
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"{CONFIG / 'gateway.yaml'}: ok (1 upstreams, 3 routes, redis embedded)\n"
+    assert done.stdout == (
+        f"{CONFIG / 'gateway.yaml'}: ok (1 upstreams, 3 routes; "
+        f"key store: embedded Redis in {CONFIG / '.keygate'}, key prefix kg:)\n"
+    )
     assert done.stderr == ""
 
 
@@ -921,7 +952,10 @@ redis: {url: http://cache}
         pytest.param(b"\xff\n", {}, ":1: not valid YAML (not UTF-8 text)", id="binary"),
         pytest.param("reserve: 1\n", {}, "reserve: unknown option", id="unknown option"),
         pytest.param(
-            "workers: 1\n", {"KEYGATE_WORKERS": "abc"}, "workers: must be an integer", id="env"
+            "workers: 1\n",
+            {"KEYGATE_WORKERS": "abc"},
+            "KEYGATE_WORKERS: must be an integer",
+            id="env",
         ),
         pytest.param(
             "routes: [{name: r, path: /r, upstream: u, cost: {fixed: 1" + "0" * 400 + "}}]\n",

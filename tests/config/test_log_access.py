@@ -54,4 +54,6 @@ def test_environment_overrides_the_access_options() -> None:
 def test_an_access_format_from_the_environment_is_validated() -> None:
     with pytest.raises(ConfigError) as info:
         load(None, environ={"KEYGATE_LOG_ACCESS_FORMAT": "yes"})
-    assert info.value.problems == ["log.access_format: must be one of auto, json, text (got 'yes')"]
+    assert info.value.problems == [
+        "KEYGATE_LOG_ACCESS_FORMAT: must be one of auto, json, text (got 'yes')"
+    ]

@@ -20,6 +20,7 @@ from openrouter.utils import BackoffStrategy, RetryConfig
 from redis.asyncio import Redis
 
 from gateway.store.keystore import Issued, KeyStore
+from gateway.store.record import KeyRecord
 from tests.conftest import MakeKey
 from tests.proxy.conftest import Gateway, StartGateway, sha256_hex
 
@@ -62,9 +63,14 @@ async def get(http: aiohttp.ClientSession, url: str, secret: str | None) -> tupl
         return response.status, await response.json()
 
 
+def key_hash(record: KeyRecord) -> str:
+    """The hash keygate serves for a key: its id's 32 hex digits (docs/dialects.md)."""
+    return record.id.replace("-", "")
+
+
 def ordered(keys: list[Issued]) -> list[str]:
     """Hashes in listing order: creation time, then id (keys made in one millisecond)."""
-    return [k.record.hash for k in sorted(keys, key=lambda k: k.record.index_member())]
+    return [key_hash(k.record) for k in sorted(keys, key=lambda k: k.record.index_member())]
 
 
 def assert_error(status: int, body: Any, expected: int) -> None:
@@ -107,7 +113,7 @@ async def test_lists_the_workspace_in_the_seed_shape(
     assert list(keys) == ordered([caller, capped, colleague])
     for key in keys.values():
         assert set(key) == SEED_FIELDS | SDK_EXTRAS
-    item = keys[capped.record.hash]
+    item = keys[key_hash(capped.record)]
     assert item["name"] == "capped" and item["label"] == capped.record.label
     assert item["limit"] == 10.0 and item["limit_reset"] == "monthly"
     assert item["include_byok_in_limit"] is True
@@ -115,12 +121,12 @@ async def test_lists_the_workspace_in_the_seed_shape(
     assert item["expires_at"].endswith("Z") and item["created_at"].endswith("Z")
     assert item["workspace_id"] == "ws-or"
     assert item["creator_user_id"] == capped.record.user_id
-    assert keys[colleague.record.hash]["name"] == ""  # unnamed: the seed's name is a string
+    assert keys[key_hash(colleague.record)]["name"] == ""  # unnamed: the seed's name is a string
 
     status, body = await get(http, f"{gateway.url}{LIST}?include_disabled=true", caller.secret)
     jsonschema.validate(body, SCHEMA)
     assert [k["hash"] for k in body["data"]] == ordered([caller, capped, colleague, off])
-    assert [k["disabled"] for k in body["data"] if k["hash"] == off.record.hash] == [True]
+    assert [k["disabled"] for k in body["data"] if k["hash"] == key_hash(off.record)] == [True]
     text = str(body)
     for issued in (caller, capped, colleague, off):
         assert issued.secret is not None and issued.secret not in text
@@ -133,7 +139,7 @@ async def test_paging_edges(
     url = f"{gateway.url}{LIST}"
     # The smallest workspace a caller can list holds only the caller; past it, [].
     assert [k["hash"] for k in (await get(http, url, caller.secret))[1]["data"]] == [
-        caller.record.hash
+        key_hash(caller.record)
     ]
     assert (await get(http, f"{url}?offset=1", caller.secret))[1] == {"data": []}
     made = [caller] + [await make_key(workspace_id="ws-p") for _ in range(99)]
@@ -171,7 +177,7 @@ async def test_sdk_pages_exactly_while_keys_are_created_and_revoked(
     seen += [k.hash for k in first.data]
     assert len(first.data) == 100
     fresh = [await make_key(workspace_id="ws-x") for _ in range(3)]
-    doomed = next(k for k in originals if k.record.hash == ordered(originals)[120])
+    doomed = next(k for k in originals if key_hash(k.record) == ordered(originals)[120])
     assert await store.revoke(doomed.record.id)
     offset = len(seen)
     while True:
@@ -181,7 +187,7 @@ async def test_sdk_pages_exactly_while_keys_are_created_and_revoked(
         seen += [k.hash for k in page.data]
         offset += len(page.data)
     assert len(seen) == len(set(seen))  # nothing twice
-    survivors = [h for h in ordered(originals) if h != doomed.record.hash]
+    survivors = [h for h in ordered(originals) if h != key_hash(doomed.record)]
     assert seen == survivors + ordered(fresh)  # nothing skipped, in order
 
 
@@ -195,7 +201,7 @@ async def test_revoking_a_listed_key_shifts_later_offsets_by_one(
     keys = [caller] + [await make_key(workspace_id="ws-s") for _ in range(101)]
     url = f"{gateway.url}{LIST}"
     first = (await get(http, url, caller.secret))[1]["data"]
-    fifth = next(k for k in keys if k.record.hash == ordered(keys)[5])
+    fifth = next(k for k in keys if key_hash(k.record) == ordered(keys)[5])
     assert await store.revoke(fifth.record.id)
     second = (await get(http, f"{url}?offset={len(first)}", caller.secret))[1]["data"]
     # The 101st key moved back onto the first page: only the 102nd is left to see.
@@ -215,10 +221,11 @@ async def test_sdk_round_trip(
         name="ci", limit=5, limit_reset="monthly", include_byok_in_limit=True, expires_at=expires
     )
     assert created.key.startswith("kg_")
-    assert created.data.hash == sha256_hex(created.key)
+    # The hash names the key by its id: nothing of the secret, not even its sha256.
+    key_id = await redis.get(store.names.by_hash(sha256_hex(created.key)))
+    assert created.data.hash == str(key_id).replace("-", "")
     assert created.data.limit == 5 and created.data.limit_remaining == 5
     assert created.data.expires_at == expires
-    key_id = await redis.get(store.names.by_hash(created.data.hash))
     record = await store.get(str(key_id))
     assert record is not None
     assert (record.workspace_id, record.user_id) == ("ws-r", caller.record.user_id)
@@ -242,7 +249,7 @@ async def test_sdk_round_trip(
 
     deleted = await client.api_keys.delete_async(hash=created.data.hash)
     assert deleted.DELETED is True
-    assert await redis.get(store.names.by_hash(created.data.hash)) is None
+    assert await redis.get(store.names.by_hash(sha256_hex(created.key))) is None
     with pytest.raises(errors.NotFoundResponseError) as missing:
         await client.api_keys.get_async(hash=created.data.hash)
     assert missing.value.data.error.code == 404
@@ -253,13 +260,14 @@ async def test_other_workspaces_keys_are_404_and_untouched(
 ) -> None:
     caller = await make_key(scopes=MANAGER, workspace_id="ws-i")
     theirs = await make_key(name="theirs", workspace_id="ws-j")
-    url = f"{gateway.url}{LIST}/{theirs.record.hash}"
+    url = f"{gateway.url}{LIST}/{key_hash(theirs.record)}"
     headers = {"Authorization": f"Bearer {caller.secret}"}
     for method, body in (("GET", None), ("PATCH", {"disabled": True}), ("DELETE", None)):
         async with http.request(method, url, headers=headers, json=body) as response:
             assert_error(response.status, await response.json(), 404)
     assert await store.get(theirs.record.id) == theirs.record  # unchanged
-    for path in ("not-a-hash", "0" * 64):
+    mine = key_hash(caller.record)
+    for path in ("not-a-hash", "0" * 64, "0" * 32, mine.upper(), f"{mine}0"):
         status, body = await get(http, f"{gateway.url}{LIST}/{path}", caller.secret)
         assert_error(status, body, 404)
     status, body = await get(http, f"{gateway.url}{LIST}?workspace_id=ws-j", caller.secret)
@@ -276,7 +284,7 @@ async def test_a_key_cannot_manage_a_more_powerful_one(
     caller = await make_key(scopes=MANAGER, workspace_id="ws-m")
     admin = await make_key(scopes=["*"], workspace_id="ws-m")
     headers = {"Authorization": f"Bearer {caller.secret}"}
-    url = f"{gateway.url}{LIST}/{admin.record.hash}"
+    url = f"{gateway.url}{LIST}/{key_hash(admin.record)}"
     async with http.delete(url, headers=headers) as response:
         assert_error(response.status, await response.json(), 403)
     async with http.patch(url, headers=headers, json={"disabled": True}) as response:
@@ -305,10 +313,41 @@ async def test_bad_create_and_update_bodies_are_400(
         assert_error(response.status, await response.json(), 400)
     for body in ({}, {"name": None}, {"scopes": ["*"]}):
         async with http.patch(
-            f"{gateway.url}{LIST}/{target.record.hash}", headers=headers, json=body
+            f"{gateway.url}{LIST}/{key_hash(target.record)}", headers=headers, json=body
         ) as response:
             assert_error(response.status, await response.json(), 400)
     assert await store.count("ws-b") == 2
+
+
+async def test_the_hash_reveals_nothing_of_the_secret_and_names_the_key_for_every_call(
+    gateway: Gateway, http: aiohttp.ClientSession, make_key: MakeKey, store: KeyStore
+) -> None:
+    """OpenRouter's hash is the sha256 of the secret; served to every apikeys:view key,
+    that sha256 gives a short imported secret away offline. keygate's names the key by its
+    id instead, and the secret's sha256 names nothing."""
+    caller = await make_key(scopes=MANAGER, workspace_id="ws-h")
+    secret = "sk-legacy-0123456789"
+    imported = await store.create(
+        {"workspace_id": "ws-h", "user_id": caller.record.user_id, "name": "legacy"},
+        secret=secret,
+    )
+    digest = sha256_hex(secret)
+    headers = {"Authorization": f"Bearer {caller.secret}"}
+    async with http.get(f"{gateway.url}{LIST}", headers=headers) as response:
+        text = await response.text()
+        listed = {k["name"]: k["hash"] for k in (await response.json())["data"]}
+    assert digest not in text and key_hash(caller.record) in text
+    assert listed["legacy"] == key_hash(imported.record)
+    url = f"{gateway.url}{LIST}/{listed['legacy']}"
+    status, body = await get(http, url, caller.secret)
+    assert status == 200 and body["data"]["name"] == "legacy" and digest not in str(body)
+    async with http.patch(url, headers=headers, json={"name": "renamed"}) as response:
+        assert response.status == 200 and digest not in await response.text()
+    status, body = await get(http, f"{gateway.url}{LIST}/{digest}", caller.secret)
+    assert_error(status, body, 404)  # the secret's sha256 names no key
+    async with http.delete(url, headers=headers) as response:
+        assert response.status == 200
+    assert await store.get(imported.record.id) is None
 
 
 # --- refusals ----------------------------------------------------------------------------
@@ -377,7 +416,8 @@ async def test_the_path_can_be_moved_or_the_dialect_disabled(
     moved = await start_gateway(dialects={"openrouter": {"path": "/or/api/v1/keys"}})
     status, _ = await get(http, f"{moved.url}/or/api/v1/keys", caller.secret)
     assert status == 200
-    status, _ = await get(http, f"{moved.url}/or/api/v1/keys/{caller.record.hash}", caller.secret)
+    one = f"{moved.url}/or/api/v1/keys/{key_hash(caller.record)}"
+    status, _ = await get(http, one, caller.secret)
     assert status == 200
     off = await start_gateway(dialects={"openrouter": {"enabled": False}})
     async with http.get(

@@ -41,9 +41,13 @@ async def test_a_daily_limit_admits_exactly_what_it_covers_then_402_names_the_ca
         "amount": 1.0,
         "period": "daily",
         "used": 1.0,
+        "reserved": 0.25,
         "resets_at": "2026-11-19T00:00:00.000Z",
     }
-    assert "daily limit of 1" in body["detail"]
+    assert body["detail"] == (
+        "the key's daily limit of 1 is used up (1 used); "
+        "it resets at 2026-11-19T00:00:00.000Z"
+    )
     rid = issued.record.id
     assert await usage(redis, key_prefix, rid, "d:20261118") == 1_000_000
     assert await usage(redis, key_prefix, rid, "w:2026W47") == 1_000_000
@@ -56,6 +60,36 @@ async def test_a_daily_limit_admits_exactly_what_it_covers_then_402_names_the_ca
         assert r.status == 200
     assert await usage(redis, key_prefix, rid, "d:20261119") == 250_000
     assert await usage(redis, key_prefix, rid, "t") == 1_250_000
+
+
+async def test_a_reservation_that_does_not_fit_says_used_reserved_and_limit(
+    start_cost_gateway: object, make_key: MakeKey, http: aiohttp.ClientSession
+) -> None:
+    """4.5 of 5 used, and the route reserves 1: the cap is not used up, the request does
+    not fit. The answer says so instead of "the key has used its limit"."""
+    gateway: Gateway = await start_cost_gateway(clock=FixedClock(to_ms(NOON)))  # type: ignore[operator]
+    issued = await make_key(limit_micro=5_000_000, limit_reset="daily")
+    # Reserves 1 (the route's reserve), then is charged the 4.5 the upstream reports.
+    async with http.get(f"{gateway.url}/c/header?cost=4.5", headers=bearer(issued.secret)) as r:
+        assert r.status == 200
+    await gateway.proxy.settlements.drain()
+    async with http.get(f"{gateway.url}/c/header?cost=0.1", headers=bearer(issued.secret)) as r:
+        body = await assert_problem(r, 402, "spend_limited")
+    assert body["detail"] == (
+        "the key's daily limit is 5: 4.5 is used and this request reserves 1, "
+        "which would pass it; it resets at 2026-11-19T00:00:00.000Z"
+    )
+    assert body["cap"] == {
+        "name": "limit",
+        "amount": 5.0,
+        "period": "daily",
+        "used": 4.5,
+        "reserved": 1.0,
+        "resets_at": "2026-11-19T00:00:00.000Z",
+    }
+    # A request that fits still passes: this route reserves nothing, and 4.5 + 0 <= 5.
+    async with http.get(f"{gateway.url}/c/header0?cost=0.5", headers=bearer(issued.secret)) as r:
+        assert r.status == 200
 
 
 async def test_every_spend_cap_must_hold_and_the_one_that_resets_last_is_named(
@@ -88,6 +122,7 @@ async def test_a_cap_over_all_time_has_no_retry_after(
         assert "Retry-After" not in r.headers
     assert body["cap"]["period"] == "total"
     assert body["cap"]["resets_at"] is None
+    assert body["detail"] == "the key's limit over all time of 0.25 is used up (0.25 used)"
 
 
 async def test_a_used_up_cap_refuses_even_requests_that_reserve_nothing_but_not_free_ones(

@@ -259,14 +259,20 @@ async def test_the_credential_is_hidden_from_the_upstream_by_default(
     assert _values(echo, name) == [template.format(issued.secret)]
 
 
-async def test_other_authorization_schemes_reach_the_upstream(
-    gateway: Gateway, http: aiohttp.ClientSession, make_key: MakeKey
+async def test_other_authorization_schemes_reach_the_upstream_where_keygate_reads_none(
+    start_gateway: StartGateway, http: aiohttp.ClientSession, make_key: MakeKey
 ) -> None:
     issued = await make_key(scopes=ECHO_SCOPES)
     headers = {"x-api-key": str(issued.secret), "Authorization": "Basic dXBzdHJlYW0="}
+    # Authorization is no source: it belongs to the upstream (the client's own credential).
+    gateway = await start_gateway(keys={"sources": ["x-api-key"]})
     echo = await echoed(await http.get(f"{gateway.url}/echo/x", headers=headers))
     assert _values(echo, "Authorization") == ["Basic dXBzdHJlYW0="]
     assert "x-api-key" not in _names(echo)
+    # Where keygate reads Authorization, another scheme beside the key is a second credential.
+    default = await start_gateway()
+    response = await http.get(f"{default.url}/echo/x", headers=headers)
+    assert response.status == 400
 
 
 @pytest.mark.parametrize(

@@ -3,15 +3,24 @@ period with each period's reset, limit_remaining and rate-limit state; never a s
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 
 import aiohttp
 
+from gateway.store import secrets
 from gateway.store.keystore import KeyStore
 from gateway.store.record import RateLimitSpec, SpendCap
 from gateway.usage.periods import FixedClock, to_ms
 from tests.conftest import MakeKey, bearer
-from tests.proxy.conftest import Gateway, assert_problem
+from tests.proxy.conftest import (
+    ECHO_SCOPES,
+    Gateway,
+    StartGateway,
+    assert_problem,
+    bad_checksum,
+    sha256_hex,
+)
 
 SUNDAY_EVENING = datetime(2026, 11, 22, 20, 0, tzinfo=UTC)
 
@@ -126,3 +135,27 @@ async def test_last_used_at_is_kept_to_the_second(
         "2026-11-22T20:00:01.000Z",
         "2026-11-22T20:00:06.000Z",
     ]
+
+
+async def test_a_mistyped_keygate_secret_imported_by_hash_is_refused_here_as_on_routes(
+    start_gateway: StartGateway, store: KeyStore, http: aiohttp.ClientSession
+) -> None:
+    """The routes refuse a keygate-shaped secret with a bad checksum without asking Redis;
+    GET /v1/key and the dialects follow the same rule, even for a key whose hash was
+    imported (the import could not tell)."""
+    gateway = await start_gateway(dialects={"openrouter": {"enabled": True}})
+    mistyped = bad_checksum(secrets.generate("kg_"))
+    await store.create(
+        {
+            "workspace_id": "ws-a",
+            "user_id": str(uuid.uuid4()),
+            "scopes": (*ECHO_SCOPES, "apikeys:view"),
+        },
+        sha256=sha256_hex(mistyped),
+    )
+    async with http.get(f"{gateway.url}/echo/x", headers=bearer(mistyped)) as r:
+        await assert_problem(r, 401, "invalid_key")
+    async with http.get(f"{gateway.url}/v1/key", headers=bearer(mistyped)) as r:
+        await assert_problem(r, 401, "invalid_key")
+    async with http.get(f"{gateway.url}/api/v1/keys", headers=bearer(mistyped)) as r:
+        assert r.status == 401  # the OpenRouter dialect, in its own error shape

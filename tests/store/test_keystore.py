@@ -88,7 +88,8 @@ async def test_import_by_secret_or_hash_authenticates_the_original_secret(
     by_hash = await store.create(dict(base), sha256=secrets.hash_secret("old-key-abcdef"))
     assert by_secret.record.imported and by_hash.record.imported
     assert by_hash.record.prefix == ""
-    assert by_hash.record.label.startswith("sha256:")
+    # Nothing of the hash either: 32 bits of it would narrow a short secret's search.
+    assert by_hash.record.label == f"imported:{by_hash.record.id[:8]}"
     assert (await store.authenticate("sk-live-0123456789")).status == "ok"
     result = await store.authenticate("old-key-abcdef")
     assert result.record is not None and result.record.id == by_hash.record.id
@@ -233,3 +234,23 @@ async def test_concurrent_rotations_leave_exactly_one_current_secret(
     assert len(secrets_out) == 5
     statuses = [(await store.authenticate(s)).status for s in secrets_out]
     assert statuses.count("ok") == 1
+
+
+@pytest.mark.parametrize("length", [16, 17, 20, 24, 32, 36, 42, 48, 64, 100, 512])
+async def test_masks_of_an_imported_secret_show_at_most_a_third_of_it(
+    store: KeyStore, length: int
+) -> None:
+    """The prefix and the label overlap (both start the secret): counted together, they
+    show at most a third of it, whatever its length."""
+    secret = "".join(secrets.BASE62[(i * 7) % 62] for i in range(length))
+    issued = await store.create(
+        {"workspace_id": "ws-a", "user_id": str(uuid.uuid4())}, secret=secret
+    )
+    prefix, label = issued.record.prefix, issued.record.label
+    head, _, tail = label.partition("...")
+    assert secret.startswith(prefix) and secret.startswith(head) and secret.endswith(tail)
+    shown = max(len(prefix), len(head)) + len(tail)
+    assert 3 * shown <= length, (prefix, label)
+    assert len(prefix) >= 4  # still enough to tell keys apart in a listing
+    stored = await store.get(issued.record.id)
+    assert stored is not None and (stored.prefix, stored.label) == (prefix, label)

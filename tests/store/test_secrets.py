@@ -24,9 +24,10 @@ def test_foreign_formats_are_not_judged_by_the_checksum() -> None:
     assert not secrets.has_bad_checksum("kg_short", "kg_")
 
 
-def test_display_forms_reveal_little_of_short_imported_secrets() -> None:
-    assert secrets.display_prefix("abcdefghij") == "abc"
-    assert secrets.label("abcdefghij") == "ab...j"
+def test_display_forms_of_generated_and_imported_secrets() -> None:
+    # An imported secret: prefix and label overlap and show a third of it together.
+    assert secrets.imported_masks("abcdefghijklmnop") == ("abcd", "abcd...p")
+    assert secrets.imported_masks("sk-" + "x" * 45) == ("sk-xxxxxxxxx", "sk-xxxxxxxxx...xxxx")
     assert secrets.label("kg_7fK2pQ9xAzzzzzzzzzzzzzzzzzzzzzzzzzzx9Qa").startswith("kg_7fK2...")
     assert secrets.label("kg_7fK2pQ9xAzzzzzzzzzzzzzzzzzzzzzzzzzzx9Qa").endswith("x9Qa")
     assert len(secrets.display_prefix(secrets.generate("kg_"))) == 12
