@@ -1,4 +1,5 @@
-"""How a proxied request flows: the chain of steps, in order, written once (STYLE.md)."""
+"""How a proxied request flows: the chain of steps, in order, written once
+(docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Taking the API key out of a request (DESIGN §3 step 2)."""
+"""Taking the API key out of a request (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Outcomes and the one mapping from an outcome to status, headers and body (DESIGN §7).
+"""Outcomes and the one mapping from an outcome to status, headers and body (docs/architecture.md).
 
 Denials are values (``Outcome``), not exceptions; this module alone turns one into an HTTP
 response, as an RFC 9457 problem or in OpenAI's error shape.

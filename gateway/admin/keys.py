@@ -1,4 +1,4 @@
-"""Native management API (DESIGN §8): /v1/keys on the admin listener."""
+"""Native management API (docs/management-api.md): /v1/keys on the admin listener."""
 
 from __future__ import annotations
 

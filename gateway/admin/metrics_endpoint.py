@@ -1,7 +1,7 @@
 """``GET /metrics``: the Prometheus exposition (gateway/metrics.py), for scrapers.
 
 On the admin listener it needs no key, as a scrape target on a private port usually does;
-the admin listener should not be reachable from outside (DESIGN §2).
+the admin listener should not be reachable from outside (docs/architecture.md).
 """
 
 from __future__ import annotations

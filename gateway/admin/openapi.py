@@ -24,7 +24,8 @@ _TIME = {"type": "string", "format": "date-time"}
 
 
 def _derived_schema() -> dict[str, Any]:
-    """The usage fields a key record carries (DESIGN §5), read when the response is made."""
+    """The usage fields a key record carries (docs/architecture.md), read when the response
+    is made."""
     usage = {
         f"{kind}{suffix}": _CREDITS
         for kind in ("usage", "byok_usage")

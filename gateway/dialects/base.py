@@ -1,4 +1,4 @@
-"""What every listing dialect is made of (DESIGN §9), and the one place that authenticates
+"""What every listing dialect is made of (docs/dialects.md), and the one place that authenticates
 its caller: a dialect module only turns canonical records into its service's JSON and its
 errors into its service's error body.
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from gateway.config.model import Settings
     from gateway.store.keystore import KeyStore
 
-VIEW = "apikeys:view"  # every listing needs it (DESIGN §9)
+VIEW = "apikeys:view"  # every listing needs it (docs/dialects.md)
 
 
 @dataclass(frozen=True, slots=True)

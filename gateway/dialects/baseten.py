@@ -1,4 +1,4 @@
-"""Baseten: ``GET /v1/api_keys`` (seeds/baseten-get-all-api-keys.txt).
+"""Baseten: ``GET /v1/api_keys`` (docs/dialects.md).
 
 Every key of the caller's workspace: ``{"keys": [{prefix, name, type, model_ids, team_name,
 created_at, last_used_at, owner}]}``. The seed lists the first five; the ``baseten`` SDK's

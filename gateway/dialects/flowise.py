@@ -1,4 +1,4 @@
-"""Flowise: ``GET /api/v1/apikey`` with ``Authorization: Bearer`` (seeds/flowise-list-api-keys.txt).
+"""Flowise: ``GET /api/v1/apikey`` with ``Authorization: Bearer`` (docs/dialects.md).
 
 A bare JSON array ``[{id, keyName, apiKey, permissions, createdDate, updatedDate,
 workspaceId}]``, oldest first, of the caller's workspace; ``apiKey`` is the masked label and

@@ -1,4 +1,4 @@
-"""Konpro: ``GET /v1/api-keys`` with ``x-api-key`` (seeds/konpro-get-all-api-keys.txt).
+"""Konpro: ``GET /v1/api-keys`` with ``x-api-key`` (docs/dialects.md).
 
 Every key of the caller's account (workspace), without query parameters:
 ``{"api_keys": [{key_id, name, scopes, last_used, created_at, expires_at, status}]}``;

@@ -1,5 +1,5 @@
 """Langflow: ``/api/v1/api_key/`` with ``x-api-key`` or Bearer
-(seeds/langflow-get-api-keys.txt; langflow ``api/v1/api_key.py`` and its ``ApiKeyRead`` /
+(docs/dialects.md; langflow ``api/v1/api_key.py`` and its ``ApiKeyRead`` /
 ``UnmaskedApiKeyRead`` models).
 
 - ``GET``: the caller's own keys (its user in its workspace), disabled ones included:

@@ -1,4 +1,4 @@
-"""OpenRouter: ``/api/v1/keys`` with ``Authorization: Bearer`` (seeds/openrouter-list-api-keys.txt).
+"""OpenRouter: ``/api/v1/keys`` with ``Authorization: Bearer`` (docs/dialects.md).
 
 Served, from the configured listing path P (default ``/api/v1/keys``):
 

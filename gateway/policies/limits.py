@@ -1,5 +1,5 @@
 """What a route asks of the authorize script besides the key: the scopes a method needs,
-the cost to reserve, BYOK accounting and the default rate limit (DESIGN §3 step 4, §6).
+the cost to reserve, BYOK accounting and the default rate limit (docs/architecture.md).
 
 Built once per route at startup; the per-request work is a dict lookup.
 """

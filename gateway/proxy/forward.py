@@ -1,4 +1,4 @@
-"""Forwarding to the upstream, streaming both ways (DESIGN §3 step 5)."""
+"""Forwarding to the upstream, streaming both ways (docs/architecture.md)."""
 
 from __future__ import annotations
 

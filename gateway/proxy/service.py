@@ -81,7 +81,7 @@ class Proxy:
     ) -> None:
         self.settings = settings
         self.router = Router(settings.routes, settings.upstreams)
-        # The listing dialects (DESIGN §9) need the key store; without one none is mounted.
+        # The listing dialects (docs/dialects.md) need the key store; without one none is mounted.
         self.store = store
         self.metrics = Metrics(
             per_key=settings.metrics.per_key, per_key_max=settings.metrics.per_key_max

@@ -1,4 +1,4 @@
-"""Settling a request's cost after its response (DESIGN §3 step 6).
+"""Settling a request's cost after its response (docs/architecture.md).
 
 The authorize script held the route's reservation; here the actual cost replaces it:
 the upstream's cost when the response tells, the reservation when it does not, and

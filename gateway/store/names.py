@@ -1,4 +1,4 @@
-"""Every Redis key name keygate uses, built in one place (DESIGN §4).
+"""Every Redis key name keygate uses, built in one place (docs/architecture.md).
 
 Everything about one API key carries the hash tag ``{<key_id>}`` so that a script over one
 key touches one Redis Cluster slot.

@@ -1,4 +1,4 @@
-"""The canonical key record (DESIGN §5) and its encoding as a Redis hash.
+"""The canonical key record (docs/architecture.md) and its encoding as a Redis hash.
 
 In Redis every field is a string: times are integer milliseconds since the epoch, money is
 integer micro-units, lists and maps are JSON. An absent field means null.

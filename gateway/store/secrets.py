@@ -1,4 +1,4 @@
-"""Secret format, hashing and masking (DESIGN §5).
+"""Secret format, hashing and masking (docs/architecture.md).
 
 A keygate secret is ``<prefix><30 base62 random><6 base62 CRC32 of the first part>``.
 The checksum lets the proxy refuse a mistyped or made-up key without asking Redis, the

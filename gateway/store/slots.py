@@ -1,14 +1,13 @@
 """Key ids and secrets chosen so that everything about one key lives in one Cluster slot.
 
-DESIGN §4 gives a key's record, usage and rate state the hash tag ``{<id>}``, but the
-lookup by secret, ``kg:h:<sha256>``, hashes on the digest, which the id cannot know. So the
-id is chosen to fall in the lookup's slot (a UUID4 whose last four hex digits are picked),
-and a rotated secret is drawn until its lookup falls in the id's slot. Then create, revoke
-and rotate are each one script on one slot: on a Redis Cluster too, a key is never half
-written, and a secret is never claimed twice. Only the listing indexes (one sorted set per
-workspace, one for all) live elsewhere; they are written around the script and their
-readers skip a member whose record is gone.
-"""
+The data model (docs/architecture.md) gives a key's record, usage and rate state the hash
+tag ``{<id>}``, but the lookup by secret, ``kg:h:<sha256>``, hashes on the digest, which the
+id cannot know. So the id is chosen to fall in the lookup's slot (a UUID4 whose last four
+hex digits are picked), and a rotated secret is drawn until its lookup falls in the id's
+slot. Then create, revoke and rotate are each one script on one slot: on a Redis Cluster
+too, a key is never half written, and a secret is never claimed twice. Only the listing
+indexes (one sorted set per workspace, one for all) live elsewhere; they are written around
+the script and their readers skip a member whose record is gone. """
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Usage by period, spending caps and their reports (DESIGN §4, §5)."""
+"""Usage by period, spending caps and their reports (docs/architecture.md)."""

@@ -1,4 +1,4 @@
-"""UTC periods and the names of their usage buckets (DESIGN §4).
+"""UTC periods and the names of their usage buckets (docs/architecture.md).
 
 The Lua scripts compute the same names from the Redis server's clock
 (``gateway/store/lua/lib.lua``); ``tests/usage/test_periods.py`` checks that both agree.

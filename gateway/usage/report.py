@@ -98,7 +98,7 @@ class UsageReport:
         }
 
     def to_json(self) -> dict[str, Any]:
-        """The record with its derived usage fields (DESIGN §5): never a secret."""
+        """The record with its derived usage fields (docs/architecture.md): never a secret."""
         body = self.record.to_json(self.now_ms)
         usage, byok = self.usage_micro, self.byok_micro
         body.update(

@@ -1,4 +1,4 @@
--- The proxy's whole decision before forwarding, atomic (DESIGN §3 step 4, Unkey's order):
+-- The proxy's whole decision before forwarding, atomic (docs/architecture.md; Unkey's order):
 -- the presented hash is the key's -> not disabled -> not expired -> scopes -> resource ->
 -- rate limit (GCRA) -> reserve the expected cost against every spending cap. Nothing is
 -- written unless every check passes; then the reservation, the rate state, total_uses and
