@@ -9,6 +9,7 @@ from gateway import listener
 from gateway.config.model import Settings
 from gateway.proxy import steps
 from gateway.proxy.authorize import KeyAuthorizer
+from gateway.proxy.live import LiveProxy
 from gateway.proxy.service import Proxy
 from gateway.proxy.steps import Step
 from gateway.store.cluster_multiplex import Multiplexer
@@ -46,7 +47,7 @@ def build_proxy(
     return Proxy(settings, authorizer, PROXY_CHAIN, store)
 
 
-def proxy_server(proxy: Proxy) -> web.Server:
+def proxy_server(proxy: Proxy | LiveProxy) -> web.Server:
     """The low-level server: no router or middleware layers on the hot path, and the
     handler is cancelled when the client disconnects, which drops the upstream request.
     Its connections carry the client limits (gateway/listener.py); `keygate serve` and the

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -12,12 +14,16 @@ from aiohttp import web
 
 from gateway.admin import metrics_endpoint
 from gateway.admin.app import build_admin_app
+from gateway.admin.reload import Reload
 from gateway.app import build_proxy, proxy_server
 from gateway.config.model import Address, Settings
+from gateway.config.reloadable import ReloadResult
 from gateway.listener import operator_runner
+from gateway.proxy.live import LiveProxy, Reread
 from gateway.runtime import open_store
 from gateway.store.cluster_multiplex import multiplexer_for
 from gateway.store.keystore import KeyStore
+from gateway.workers import WORKER_ENV
 
 log = logging.getLogger("keygate")
 
@@ -28,21 +34,32 @@ async def serve(
     on_ready: Callable[[KeyStore], Awaitable[None]] | None = None,
     *,
     reuse_port: bool = False,
+    reread: Reread | None = None,
 ) -> None:
     """Serve the proxy and admin listeners until SIGTERM or SIGINT, then stop in order:
     stop accepting, let in-flight requests finish, close upstream pools and Redis.
 
     ``on_ready`` runs once both listeners accept connections (the demo prints its help).
+    ``reread`` reads the config file again: SIGHUP and POST /v1/admin/reload reload with
+    it (gateway/proxy/live.py); without it a reload is refused.
     """
     async with open_store(settings, url) as store:
         multiplexer = multiplexer_for(settings.redis, url)
         proxy = build_proxy(settings, multiplexer, store=store)
         await proxy.start()
+        live = LiveProxy(proxy, reread)
+        supervisor = _supervisor_pid()
         grace = settings.shutdown_timeout  # for requests in flight when stopping
         proxy_runner = web.ServerRunner(
-            proxy_server(proxy), handle_signals=False, shutdown_timeout=grace
+            proxy_server(live), handle_signals=False, shutdown_timeout=grace
         )
-        admin_app = build_admin_app(settings, store, proxy.metrics, readiness=multiplexer.ping)
+        admin_app = build_admin_app(
+            settings,
+            store,
+            proxy.metrics,
+            readiness=multiplexer.ping,
+            reloader=live.reload if supervisor is None else _signalling(live, supervisor),
+        )
         admin_runner = operator_runner(admin_app, settings, proxy.metrics, shutdown_timeout=grace)
         listeners: list[tuple[web.BaseRunner, Address, str]] = [
             (proxy_runner, settings.listen, "proxy"),
@@ -69,21 +86,55 @@ async def serve(
             gc.freeze()
             if on_ready is not None:
                 await on_ready(store)
-            await _until_signalled()
+            await _until_signalled(live)
         finally:
             log.info("stopping")
             for runner, _, _ in listeners:
                 await runner.cleanup()
-            await proxy.close()
+            await live.close()
             await multiplexer.close()
 
 
-async def _until_signalled() -> None:
+async def _until_signalled(live: LiveProxy) -> None:
+    """Until SIGTERM or SIGINT; each SIGHUP meanwhile reloads the config."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    reloads: set[asyncio.Task[ReloadResult]] = set()
+
+    def reload() -> None:
+        task = asyncio.create_task(live.reload())  # logs its own outcome
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    try:
+        await stop.wait()
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        if reloads:
+            await asyncio.gather(*reloads, return_exceptions=True)
+
+
+def _supervisor_pid() -> int | None:
+    """The supervisor's pid when this process is one of its workers."""
+    pid = os.environ.get(WORKER_ENV)
+    return int(pid) if pid and pid.isdigit() else None
+
+
+def _signalling(live: LiveProxy, supervisor: int) -> Reload:
+    """A worker's POST /v1/admin/reload: check the config here, then have the supervisor
+    signal every worker (this one included), so that all of them switch, not one."""
+
+    async def reload() -> ReloadResult:
+        checked = await live.check()
+        if checked.ok:
+            os.kill(supervisor, signal.SIGHUP)
+            return dataclasses.replace(checked, status="signalled")
+        return checked
+
+    return reload
 
 
 def _bound(runner: web.BaseRunner) -> str | None:

@@ -14,7 +14,7 @@ from gateway.metrics import Metrics
 from gateway.store.connection import STORE_ERRORS
 from gateway.store.keystore import KeyStore
 
-from . import health, keys, metrics_endpoint
+from . import health, keys, metrics_endpoint, reload
 from .caller import Denied
 from .context import SETTINGS, STORE
 from .openapi import OPENAPI, document, serve_document
@@ -62,16 +62,19 @@ def build_admin_app(
     metrics: Metrics | None = None,
     *,
     readiness: health.Readiness | None = None,
+    reloader: reload.Reload | None = None,
 ) -> web.Application:
     """The admin application: management API, health probes, metrics (the proxy's, or
     an empty set when there is no proxy) and OpenAPI document. ``readiness`` (the proxy's
-    multiplexer's ``ping``) makes /readyz ask Redis over the proxy's own path too."""
+    multiplexer's ``ping``) makes /readyz ask Redis over the proxy's own path too;
+    ``reloader`` serves POST /v1/admin/reload (a 409 without one)."""
     app = web.Application(middlewares=[problems], client_max_size=settings.admin.max_body_bytes)
     app[SETTINGS] = settings
     app[STORE] = store
     app[OPENAPI] = document()
     keys.add_routes(app)
     health.add_routes(app, readiness)
+    reload.add_routes(app, reloader)
     metrics_endpoint.add_routes(app, metrics if metrics is not None else Metrics())
     app.router.add_get("/openapi.json", serve_document, allow_head=False)
     return app

@@ -15,6 +15,7 @@ from gateway.usage.history import WINDOW
 from .health import OPENAPI_PATHS as HEALTH_PATHS
 from .keys import MAX_GRACE_SECONDS, MAX_PAGE
 from .metrics_endpoint import OPENAPI_PATHS as METRICS_PATHS
+from .reload import OPENAPI_PATHS as RELOAD_PATHS
 
 _NULLABLE_STRING = {"type": ["string", "null"]}
 _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
@@ -377,6 +378,7 @@ def document() -> dict[str, Any]:
                 },
             },
             **HEALTH_PATHS,
+            **RELOAD_PATHS,
             **METRICS_PATHS,
         },
         "components": {

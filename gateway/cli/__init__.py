@@ -6,12 +6,13 @@ import argparse
 import dataclasses
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway import __version__
 from gateway.config import ConfigError
+from gateway.config.model import Settings
 from gateway.demo import command as demo
 from gateway.embedded import EmbeddedError
 from gateway.store.connection import describe
@@ -101,10 +102,25 @@ def _serve(args: argparse.Namespace) -> int:
             attach=False,
         )
     reuse_port = workers.is_worker()  # the supervisor's workers share every port
+    reread = _rereader(loaded, args.workers)
     runtime.with_redis(
-        settings, lambda url: server.serve(settings, url, reuse_port=reuse_port), attach=False
+        settings,
+        lambda url: server.serve(settings, url, reuse_port=reuse_port, reread=reread),
+        attach=False,
     )
     return 0
+
+
+def _rereader(loaded: Loaded, workers: int | None) -> Callable[[], Settings]:
+    """How a reload reads the config: the file found at start (its absolute path, so a
+    reload never picks another file), with this command line's --workers."""
+    path = None if loaded.source.path is None else str(loaded.source.path.resolve())
+
+    def reread() -> Settings:
+        settings = _for_serving(path).settings
+        return settings if workers is None else dataclasses.replace(settings, workers=workers)
+
+    return reread
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -72,19 +72,28 @@ def upstream_session(upstream: Upstream) -> aiohttp.ClientSession:
 
 
 class Proxy:
+    """One generation of the proxy: the routes, upstream pools, policies and dialects of one
+    config. A reload builds a ``successor`` that shares everything process-wide (the key
+    authorizer, metrics, settlements, deadlines, access log, key store) and ``retire``s
+    this one once its requests have finished."""
+
     def __init__(
         self,
         settings: Settings,
         authorizer: KeyAuthorizer,
         chain: Sequence[Step],
         store: KeyStore | None = None,
+        *,
+        follows: Proxy | None = None,
     ) -> None:
         self.settings = settings
         self.router = Router(settings.routes, settings.upstreams)
         # The listing dialects (docs/dialects.md) need the key store; without one none is mounted.
         self.store = store
-        self.metrics = Metrics(
-            per_key=settings.metrics.per_key, per_key_max=settings.metrics.per_key_max
+        self.metrics: Metrics = (
+            follows.metrics
+            if follows is not None
+            else Metrics(per_key=settings.metrics.per_key, per_key_max=settings.metrics.per_key_max)
         )
         specs = registry() if store is not None else {}
         if store is not None and settings.metrics.on_proxy:
@@ -106,17 +115,53 @@ class Proxy:
             )
             for name, u in settings.upstreams.items()
         }
-        self.deadlines = Deadlines()
-        self.settlements = Settlements(authorizer, self.metrics)
         self._counting: asyncio.Task[None] | None = None
         self._closing = False
+        self._handling = 0  # requests in this generation's handle()
+        self._idle = asyncio.Event()  # set while _handling is 0
+        self._idle.set()
+        self.deadlines: Deadlines
+        self.settlements: Settlements
+        self.access_log: AccessLog | None
+        if follows is not None:
+            self.deadlines = follows.deadlines
+            self.settlements = follows.settlements
+            self.access_log = follows.access_log
+            return
+        self.deadlines = Deadlines()
+        self.settlements = Settlements(authorizer, self.metrics)
         authorizer.abandoned = self.settlements.release
         authorizer.timed = self.metrics.authorize_duration.observe
         authorizer.redis.on_unreplicated = self.metrics.redis_unreplicated.inc
         self.access_log = AccessLog.from_settings(settings)  # None when switched off
 
-    async def start(self) -> None:
+    def successor(self, settings: Settings) -> Proxy:
+        """The next generation, for ``settings`` (already reduced to what a reload may
+        change: gateway/config/reloadable.py). Call ``start_sessions`` before serving it."""
+        successor = Proxy(settings, self.authorizer, self.chain, self.store, follows=self)
+        # The key count runs once per process: it moves to the generation that will close.
+        successor._counting, self._counting = self._counting, None
+        return successor
+
+    def start_sessions(self) -> None:
         self.sessions = {name: upstream_session(u) for name, u in self.settings.upstreams.items()}
+
+    async def retire(self) -> None:
+        """Close this generation's upstream pools once its last request has finished, or
+        after ``shutdown_timeout`` (the bound a stop gives requests, too)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.shutdown_timeout):
+                await self._idle.wait()
+        await self._close_pools()
+
+    async def _close_pools(self) -> None:
+        for session in self.sessions.values():
+            await session.close()
+        for pool in self.pools.values():
+            await pool.close()
+
+    async def start(self) -> None:
+        self.start_sessions()
         if self.store is not None:
             self._counting = asyncio.create_task(self._count_keys())
 
@@ -150,10 +195,7 @@ class Proxy:
             async with asyncio.timeout(self.settings.redis.socket_timeout):
                 await self.authorizer.redis.late_replies_handled()
         await self.settlements.drain()
-        for session in self.sessions.values():
-            await session.close()
-        for pool in self.pools.values():
-            await pool.close()
+        await self._close_pools()
         if self.access_log is not None:
             self.access_log.close()
 
@@ -162,6 +204,8 @@ class Proxy:
         ctx = RequestContext(request, request_id(request.headers.get(REQUEST_ID)))
         metrics = self.metrics
         metrics.in_flight.inc()
+        self._handling += 1
+        self._idle.clear()
         response: web.StreamResponse | None = None
         try:
             response = await self._respond(ctx)
@@ -169,6 +213,9 @@ class Proxy:
             return response
         finally:
             metrics.in_flight.dec()
+            self._handling -= 1
+            if not self._handling:
+                self._idle.set()
             # No response: the client left first (nginx's 499), or its upload stalled (408).
             status = response.status if response is not None else unanswered_status(request)
             if status == 408:

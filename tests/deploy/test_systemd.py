@@ -38,6 +38,8 @@ def test_runs_keygate_serve_with_an_absolute_config_as_an_unprivileged_user() ->
     assert "KEYGATE_REDIS_DATA_DIR=/var/lib/keygate" in service["Environment"]
     assert service["StateDirectory"] == "keygate"
     assert service["KillSignal"] == "SIGTERM"
+    # systemctl reload: SIGHUP reloads the config (tests/proxy/test_reload.py).
+    assert shlex.split(service["ExecReload"])[1:] == ["-HUP", "$MAINPID"]
     assert float(service["TimeoutStopSec"]) > 30  # more than the default shutdown_timeout
 
 
