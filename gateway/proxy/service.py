@@ -118,8 +118,7 @@ class Proxy:
         self._counting: asyncio.Task[None] | None = None
         self._closing = False
         self._handling = 0  # requests in this generation's handle()
-        self._idle = asyncio.Event()  # set while _handling is 0
-        self._idle.set()
+        self._drained: asyncio.Event | None = None  # made by retire(), set at _handling 0
         self.deadlines: Deadlines
         self.settlements: Settlements
         self.access_log: AccessLog | None
@@ -149,9 +148,11 @@ class Proxy:
     async def retire(self) -> None:
         """Close this generation's upstream pools once its last request has finished, or
         after ``shutdown_timeout`` (the bound a stop gives requests, too)."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.settings.shutdown_timeout):
-                await self._idle.wait()
+        self._drained = asyncio.Event()
+        if self._handling:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.shutdown_timeout):
+                    await self._drained.wait()
         await self._close_pools()
 
     async def _close_pools(self) -> None:
@@ -205,7 +206,6 @@ class Proxy:
         metrics = self.metrics
         metrics.in_flight.inc()
         self._handling += 1
-        self._idle.clear()
         response: web.StreamResponse | None = None
         try:
             response = await self._respond(ctx)
@@ -214,8 +214,8 @@ class Proxy:
         finally:
             metrics.in_flight.dec()
             self._handling -= 1
-            if not self._handling:
-                self._idle.set()
+            if not self._handling and self._drained is not None:
+                self._drained.set()
             # No response: the client left first (nginx's 499), or its upload stalled (408).
             status = response.status if response is not None else unanswered_status(request)
             if status == 408:
