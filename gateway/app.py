@@ -12,10 +12,10 @@ from gateway.proxy.authorize import KeyAuthorizer
 from gateway.proxy.live import LiveProxy
 from gateway.proxy.service import Proxy
 from gateway.proxy.steps import Step
+from gateway.store.clock import ClockOverride, server_clock
 from gateway.store.cluster_multiplex import Multiplexer
 from gateway.store.keystore import KeyStore
 from gateway.store.names import KeyNames
-from gateway.usage.periods import ClockOverride, server_clock
 
 PROXY_CHAIN: tuple[Step, ...] = (
     steps.match_route,  # 400 bad path, 404 no route, 405 method

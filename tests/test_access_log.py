@@ -26,13 +26,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from gateway.access_log import AccessLog
 from gateway.config.load import build
 from gateway.config.model import Route, Upstream
 from gateway.demo.upstream import start_upstream
 from gateway.errors import Outcome
+from gateway.policies.routing import Match
+from gateway.proxy.access_log import AccessLog
 from gateway.proxy.context import KeyIdentity, RequestContext
-from gateway.proxy.routing import Match
 from tests.conftest import MakeKey
 from tests.procs import KEYGATE, clean_env, free_port, http_get, write_config
 

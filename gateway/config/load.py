@@ -46,8 +46,8 @@ from gateway.config.model import (
     Upstream,
 )
 from gateway.config.reader import Reader, parse_address, redact_url, scheme_of, split_url
-from gateway.store import input as key_input
-from gateway.store.topology import SCHEMES, parse_target
+from gateway.config.topology import SCHEMES, parse_target
+from gateway.scope_rule import parse_scope
 
 T = TypeVar("T")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -311,10 +311,9 @@ def _holdable(r: Reader, scopes: list[str], path: str) -> None:
     only a key holding ``*`` could then use the route."""
     for i, scope in enumerate(scopes):
         try:
-            key_input.parse({"scopes": [scope]}, "update", 0)
-        except key_input.InvalidInput as exc:
-            reason = exc.errors[0][1].removeprefix("item 0 ")
-            r.fail(f"{path}[{i}]", f"{scope!r} is not a scope a key can hold ({reason})")
+            parse_scope(scope)
+        except ValueError as exc:
+            r.fail(f"{path}[{i}]", f"{scope!r} is not a scope a key can hold ({exc})")
 
 
 def _one_of(

@@ -19,8 +19,8 @@ from gateway.config.model import DIALECTS, Route, Settings
 from gateway.credentials import extract
 from gateway.dialects.base import Call, DialectSpec, Endpoint
 from gateway.errors import Outcome
+from gateway.policies.routing import Match, Router
 from gateway.policies.scopes import grants
-from gateway.proxy.routing import Match, Router
 from gateway.store.connection import STORE_ERRORS
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ from gateway.dialects.listing import window
 from gateway.policies.scopes import grants, is_privileged
 from gateway.store import input as key_input
 from gateway.store.record import KeyRecord, from_micro, rfc3339
-from gateway.usage.report import CapState, UsageReport
+from gateway.store.report import CapState, UsageReport
 
 PAGE = 100  # OpenRouter's page size; offsets are counted in keys, not pages
 MAX_BODY = 64 * 1024

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.config.model import Route
-from gateway.proxy.cost import CostMeter, meter_factory
-from gateway.proxy.headers import response_skip
+from gateway.policies.cost import CostMeter, meter_factory
+from gateway.policies.dropped_headers import response_skip
 from gateway.store.record import MICRO
 
 

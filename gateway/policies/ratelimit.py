@@ -11,10 +11,16 @@ The policy is named "key" for a key's own limit and "route" for the route's defa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
-if TYPE_CHECKING:
-    from gateway.proxy.authorize import RateState
+
+class RateState(NamedTuple):
+    """The rate limit that applied, as the IETF draft's header values (authorize.lua
+    writes them), for every response to the key and for 429s."""
+
+    policy: str  # RateLimit-Policy, e.g. "key";q=100;w=60
+    current: str  # RateLimit, e.g. "key";r=42;t=35
+    retry_after: int  # seconds until the next request is allowed (for a 429)
 
 
 def headers(rate: RateState) -> tuple[tuple[str, str], tuple[str, str]]:

@@ -14,30 +14,23 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from gateway.policies.limits import RoutePolicy
+from gateway.policies.ratelimit import RateState
 from gateway.proxy.context import KeyIdentity
+from gateway.store.clock import ClockOverride, server_clock
 from gateway.store.cluster_multiplex import Multiplexer
 from gateway.store.multiplex import LuaScript, reply_text
 from gateway.store.names import KeyNames
 from gateway.store.scripts import script_source
 from gateway.store.secrets import has_bad_checksum
-from gateway.usage.periods import DAY_MS, ClockOverride, day_hint, server_clock
+from gateway.usage.periods import DAY_MS, day_hint
 
 AUTHORIZE = LuaScript.from_source(script_source("authorize"))
 SETTLE = LuaScript.from_source(script_source("settle"))
 REPORT = LuaScript.from_source(script_source("report"))
 HELD = 8  # where an "ok" reply holds the reservation (see authorize.lua)
-
-
-class RateState(NamedTuple):
-    """The rate limit that applied, as the IETF draft's header values (authorize.lua
-    writes them), for every response to the key and for 429s."""
-
-    policy: str  # RateLimit-Policy, e.g. "key";q=100;w=60
-    current: str  # RateLimit, e.g. "key";r=42;t=35
-    retry_after: int  # seconds until the next request is allowed (for a 429)
 
 
 @dataclass(frozen=True, slots=True)

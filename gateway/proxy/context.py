@@ -9,7 +9,7 @@ from aiohttp import web
 
 from gateway.errors import ErrorFormat, Outcome
 from gateway.metrics import NO_ROUTE
-from gateway.proxy.routing import Match
+from gateway.policies.routing import Match
 
 if TYPE_CHECKING:
     from gateway.policies.limits import RoutePolicy

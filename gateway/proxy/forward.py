@@ -21,7 +21,7 @@ from gateway.proxy.steps import deny
 from gateway.proxy.upstream_http import Body, UpstreamClosed, UpstreamError, UpstreamUnreachable
 
 if TYPE_CHECKING:
-    from gateway.proxy.cost import CostMeter
+    from gateway.policies.cost import CostMeter
     from gateway.proxy.service import Proxy
 
 log = logging.getLogger("keygate.proxy")

@@ -1,4 +1,7 @@
-"""Header rules of a proxy: hop-by-hop, forwarding, identity and request ids."""
+"""Header rules of a proxy: hop-by-hop, forwarding, identity and request ids.
+
+The names dropped either way are gateway/policies/dropped_headers.py's.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +11,9 @@ import re
 
 from multidict import CIMultiDictProxy, istr
 
+from gateway.policies.dropped_headers import ALWAYS_REPLACED
 from gateway.proxy.context import KeyIdentity
 
-# RFC 9110 §7.6.1, plus the de facto ones proxies drop.
-HOP_BY_HOP = frozenset(
-    (
-        "connection",
-        "expect",  # answered here (100 Continue); the upstream gets the body without asking
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    )
-)
 REQUEST_ID = istr("X-Request-Id")
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -42,9 +31,8 @@ def request_id(incoming: str | None) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"  # 32 hex digits, like a uuid4 hex
 
 
-_ALWAYS_REPLACED = HOP_BY_HOP | {"host", "x-request-id"}  # lower-case names
 # A client's own claims about where it connects from: keygate states these (below).
-_REQUEST_REPLACED = _ALWAYS_REPLACED | {"forwarded", "x-real-ip"}
+_REQUEST_REPLACED = ALWAYS_REPLACED | {"forwarded", "x-real-ip"}
 Headers = list[tuple[str, str]]  # handed to aiohttp as is: no intermediate multidict
 
 
@@ -118,18 +106,13 @@ def _forwarded_element(client_ip: str | None, scheme: str, host: str | None) -> 
     return element
 
 
-def response_skip(hidden: str | None) -> frozenset[str]:
-    """The lower-case names never passed to the client: hop-by-hop, the request id (ours
-    replaces it) and ``hidden`` (a cost header keygate reads). Built once per route."""
-    return _ALWAYS_REPLACED | {hidden.lower()} if hidden else _ALWAYS_REPLACED
-
-
 def client_response_headers(
     upstream: CIMultiDictProxy[str], request_id_value: str, skip: frozenset[str] = frozenset()
 ) -> Headers:
     """Upstream response headers for the client, without those in ``skip`` (see
-    response_skip) and those the upstream's Connection header names."""
-    skip = skip or _ALWAYS_REPLACED
+    gateway/policies/dropped_headers.py:response_skip) and those the upstream's Connection
+    header names."""
+    skip = skip or ALWAYS_REPLACED
     if "Connection" in upstream:
         skip = skip | _connection_tokens(upstream)
     out: Headers = [(n, v) for n, v in upstream.items() if n.lower() not in skip]

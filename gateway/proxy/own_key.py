@@ -17,8 +17,8 @@ from gateway.errors import Outcome, problem
 from gateway.proxy.headers import REQUEST_ID
 from gateway.proxy.steps import KEY_DENIALS
 from gateway.store.connection import STORE_ERRORS
+from gateway.store.report import UsageReport
 from gateway.store.secrets import has_bad_checksum
-from gateway.usage.report import UsageReport
 
 if TYPE_CHECKING:
     from gateway.proxy.service import Proxy

@@ -12,7 +12,6 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.access_log import AccessLog
 from gateway.config.model import Settings, Upstream
 from gateway.dialects import mount as dialects
 from gateway.dialects.mount import DialectRouter, registry
@@ -21,6 +20,8 @@ from gateway.listener import unanswered_status
 from gateway.metrics import OWN_KEY, Metrics
 from gateway.policies import ratelimit
 from gateway.policies.limits import RoutePolicy
+from gateway.policies.routing import Router
+from gateway.proxy.access_log import AccessLog
 from gateway.proxy.authorize import KeyAuthorizer
 from gateway.proxy.context import RequestContext
 from gateway.proxy.deadlines import Deadlines
@@ -29,7 +30,6 @@ from gateway.proxy.forward import forward
 from gateway.proxy.headers import REQUEST_ID, request_id
 from gateway.proxy.metrics_endpoint import metrics_on_proxy
 from gateway.proxy.own_key import is_own_key_request, own_key
-from gateway.proxy.routing import Router
 from gateway.proxy.settle import Settlements
 from gateway.proxy.steps import Step, read_path
 from gateway.proxy.upstream_http import UpstreamPool

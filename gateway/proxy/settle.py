@@ -28,9 +28,9 @@ from gateway.usage.periods import DAY_MS, day_hint
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
+    from gateway.policies.cost import CostMeter
     from gateway.policies.limits import RoutePolicy
     from gateway.proxy.authorize import Decision, KeyAuthorizer
-    from gateway.proxy.cost import CostMeter
 
 log = logging.getLogger("keygate.proxy")
 _ATTEMPTS = 3

@@ -15,12 +15,12 @@ from gateway.credentials import carrier_headers, extract, reads_authorization
 from gateway.errors import Outcome, problem
 from gateway.policies import ratelimit
 from gateway.policies.limits import RoutePolicy
+from gateway.policies.routing import MethodNotAllowed
 from gateway.policies.scopes import missing
 from gateway.proxy.authorize import BlockedCap, Decision
 from gateway.proxy.context import RequestContext
 from gateway.proxy.expect import send_continue
 from gateway.proxy.paths import BadPath, is_plain, normalize
-from gateway.proxy.routing import MethodNotAllowed
 from gateway.store.connection import STORE_ERRORS
 from gateway.store.record import MICRO, from_micro, rfc3339
 

@@ -20,7 +20,7 @@ from gateway.proxy.headers import upstream_request_headers
 from gateway.proxy.steps import deny
 
 if TYPE_CHECKING:
-    from gateway.proxy.cost import CostMeter
+    from gateway.policies.cost import CostMeter
     from gateway.proxy.service import Proxy
 
 _HANDSHAKE = (

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from gateway.scope_rule import SCOPE_PATTERN, parse_scope
 from gateway.store.record import KEY_TYPES, MICRO, PERIODS, RateLimitSpec, SpendCap
 from gateway.store.secrets import has_bad_checksum
 
@@ -22,7 +23,6 @@ Mode = Literal["create", "import", "update"]
 MAX_MONEY = 1_000_000_000  # credits; keeps micro-units exact in Lua's doubles (< 2**53)
 MAX_NAME = 256
 MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last instant RFC 3339 shows
-SCOPE_PATTERN = r"^[A-Za-z0-9_.:*-]{1,128}$"
 WORKSPACE_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 # An imported secret: visible ASCII (what fits in an HTTP header), at least 16 characters.
@@ -262,7 +262,7 @@ FIELDS: tuple[FieldSpec, ...] = (
         "scopes",
         "scopes",
         {**_STRINGS, "maxItems": 64, "items": {"type": "string", "pattern": SCOPE_PATTERN}},
-        _string_list(64, _text(128, SCOPE_PATTERN)),
+        _string_list(64, parse_scope),
         "Granted scopes; 'x:*' and '*' are wildcards. A caller grants only what it holds.",
     ),
     FieldSpec(

@@ -15,13 +15,13 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from gateway.store import secrets
+from gateway.store.clock import ClockOverride, server_clock
 from gateway.store.connection import StoreClient
 from gateway.store.names import KeyNames
 from gateway.store.record import KeyRecord, decode, encode_fields, index_member, pairs_to_dict
+from gateway.store.report import UsageReport
 from gateway.store.scripts import Scripts
 from gateway.store.slots import id_in_slot, key_slot, secret_in_slot
-from gateway.usage.periods import ClockOverride, server_clock
-from gateway.usage.report import UsageReport
 
 AuthStatus = Literal["ok", "not_found", "disabled", "expired"]
 _MEMBER = re.compile(r"^\d{15}:[0-9a-f-]{36}$")

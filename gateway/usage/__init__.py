@@ -1,1 +1,1 @@
-"""Usage by period, spending caps and their reports (docs/architecture.md)."""
+"""Usage periods and their buckets, and a key's usage history (docs/architecture.md)."""

@@ -9,7 +9,6 @@ Thursday), months are calendar months.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal
@@ -17,17 +16,12 @@ from typing import Literal
 Period = Literal["daily", "weekly", "monthly"]
 PERIODS: tuple[Period, ...] = ("daily", "weekly", "monthly")
 DAY_MS = 86_400_000
-# Lua's clock override: '' means the Redis server's TIME; a test passes an instant in ms.
-ClockOverride = Callable[[], str]
-
-
-def server_clock() -> str:
-    return ""
 
 
 @dataclass(slots=True)
 class FixedClock:
-    """A test's clock: every script sees ``now_ms`` instead of the server's TIME."""
+    """A test's clock: every script sees ``now_ms`` instead of the server's TIME (a
+    gateway/store/clock.py:ClockOverride)."""
 
     now_ms: int
 

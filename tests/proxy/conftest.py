@@ -35,10 +35,10 @@ from gateway.config.load import build
 from gateway.config.model import Settings
 from gateway.demo.upstream import build_upstream_app
 from gateway.proxy.service import Proxy
+from gateway.store.clock import ClockOverride, server_clock
 from gateway.store.cluster_multiplex import Multiplexer, multiplexer_for
 from gateway.store.keystore import KeyStore
 from gateway.store.secrets import BASE62
-from gateway.usage.periods import ClockOverride, server_clock
 from tests.costs import build_cost_app
 from tests.procs import free_port
 

@@ -1,4 +1,4 @@
-"""Cost meters (gateway.proxy.cost): what a response cost, in micro-units, from the rule.
+"""Cost meters (gateway.policies.cost): what a response cost, in micro-units, from the rule.
 
 Pure unit tests: each feeds a meter the head and body chunks the proxy would hand it and
 checks ``result()`` and ``problem``. The headers are the multidict proxy aiohttp gives.
@@ -16,7 +16,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config.model import CostRule
-from gateway.proxy.cost import MAX_EVENT, MAX_JSON_BODY, CostMeter, meter_for
+from gateway.policies.cost import MAX_EVENT, MAX_JSON_BODY, CostMeter, meter_for
 
 JSON = (("Content-Type", "application/json"),)
 SSE = (("Content-Type", "text/event-stream; charset=utf-8"),)

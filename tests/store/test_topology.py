@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gateway.config.load import ConfigError, build
-from gateway.store.topology import RedisTarget, parse_target
+from gateway.config.topology import RedisTarget, parse_target
 
 
 def target(url: str, **options: Any) -> RedisTarget:

@@ -29,10 +29,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.config.load import build
 from gateway.config.model import RedisSettings, Settings
+from gateway.config.topology import parse_target
 from gateway.store.connection import connect
 from gateway.store.keystore import Issued, KeyStore
 from gateway.store.names import KeyNames
-from gateway.store.topology import parse_target
 from tests.conftest import bearer
 from tests.proxy.conftest import Gateway, Upstream, assert_problem
 from tests.topologies import (

@@ -1,0 +1,1 @@
+"""The listing dialects: other key services' management APIs, served on the proxy listener."""
