@@ -5,7 +5,8 @@ the store's scripts, which also proves Redis answers the admin side's client; an
 process runs the proxy, a PING over the proxy's own connections (its multiplexer), since
 the two clients can disagree (a sentinel that hangs, a node only one of them reaches). Both
 go at once, bounded together by ``redis.socket_timeout``. A 503 names its reason in a fixed
-phrase, never an exception's text (which can carry a URL and its password).
+phrase, never an exception's text (which can carry a URL and its password); the log says
+why in words, once when Redis starts failing and once when it answers again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from gateway.store.connection import STORE_ERRORS
+from gateway.store.availability import availability_of
+from gateway.store.connection import STORE_ERRORS, describe
 from gateway.store.keystore import KeyStore
 
 from .context import SETTINGS, STORE
@@ -87,7 +89,7 @@ async def _reload(store: KeyStore, per_call: float) -> None:
         async with asyncio.timeout(per_call * len(store.scripts.__slots__)):
             await store.scripts.load()
     except (*STORE_ERRORS, TimeoutError) as exc:
-        log.warning("reloading the store's scripts failed: %s", type(exc).__name__)
+        log.warning("reloading the store's scripts failed: %s", describe(exc))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -106,19 +108,17 @@ async def readyz(request: web.Request) -> web.Response:
                 _asked("admin", store.client.script_exists(*shas)),
                 _asked("proxy", request.app[READINESS]()),
             )
-    except _Unreachable as exc:
-        log.warning(
-            "readiness: redis unreachable from the %s client (%s)",
-            exc.side,
-            type(exc.error).__name__,
-        )
-        return _unavailable(REDIS_UNREACHABLE)
-    except TimeoutError:
-        log.warning("readiness: redis did not answer within %gs", timeout)
+    except (_Unreachable, TimeoutError) as exc:
+        side, error = (exc.side, exc.error) if isinstance(exc, _Unreachable) else ("", exc)
+        words = describe(error, request.app[SETTINGS].redis)
+        client = f" ({side} client)" if side else ""
+        # Once when Redis starts failing (or at startup, by the store), not per probe.
+        availability_of(store).failed(f"readiness: key store unavailable{client}: {words}")
         return _unavailable(REDIS_UNREACHABLE)
     if not all(loaded):
         request.app[RELOAD].start(store, timeout)
         return _unavailable(SCRIPTS_NOT_LOADED)
+    availability_of(store).answered("readiness: key store answers again; ready")
     return web.json_response({"status": "ready"})
 
 

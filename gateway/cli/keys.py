@@ -415,10 +415,10 @@ def _run(args: argparse.Namespace, action: Action) -> int:
 
     async def task(url: str) -> int:
         try:  # around open_store too: an unreachable server is one line, not a traceback
-            async with runtime.open_store(settings, url) as store:
+            async with runtime.open_store(settings, url, strict=True) as store:
                 return await action(store, settings)
         except (RedisError, RedisClusterException) as exc:
-            message = f"the key store failed: {describe(exc)}"
+            message = f"the key store failed: {describe(exc, settings.redis, url)}"
             raise CommandError(message, 1, "store_error") from None
 
     return runtime.with_redis(settings, task, attach=True)

@@ -142,8 +142,28 @@ def scheme_of(url: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """``url`` for a problem line, with any password replaced: never print a secret."""
-    parts = split_url(url)
-    if parts is None or parts.password is None:
+    """``url`` for a problem line or a log, every password replaced by ``***``: the
+    userinfo's password (``user:***@``), a userinfo without ``:`` (keygate reads it as a
+    password alone: ``***@``) and any query value whose name holds ``password``.
+
+    Edited as text, so a URL urlsplit cannot read (an unbalanced ``[``) is redacted too;
+    the userinfo ends where urlsplit ends it, at the first ``/``, ``?`` or ``#``.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
+    path, question, query = tail.partition("?")
+    if question:
+        query, hash_sign, fragment = query.partition("#")
+        query = "&".join(
+            f"{name}=***" if "password" in name.lower() else f"{name}{equals}{value}"
+            for name, equals, value in (item.partition("=") for item in query.split("&"))
+        )
+        tail = f"{path}?{query}{hash_sign}{fragment}"
+    return f"{scheme}://{netloc}{tail}"

@@ -31,7 +31,7 @@ from gateway.proxy.headers import REQUEST_ID, request_id
 from gateway.proxy.metrics_endpoint import metrics_on_proxy
 from gateway.proxy.own_key import is_own_key_request, own_key
 from gateway.proxy.settle import Settlements
-from gateway.proxy.steps import Step, read_path
+from gateway.proxy.steps import Step, ThrottledWarning, read_path
 from gateway.proxy.upstream_http import UpstreamPool
 from gateway.proxy.websocket import is_upgrade, proxy_websocket
 from gateway.store.connection import STORE_ERRORS
@@ -122,11 +122,14 @@ class Proxy:
         self.deadlines: Deadlines
         self.settlements: Settlements
         self.access_log: AccessLog | None
+        self.store_down: ThrottledWarning  # the log line of requests refused by a store error
         if follows is not None:
+            self.store_down = follows.store_down
             self.deadlines = follows.deadlines
             self.settlements = follows.settlements
             self.access_log = follows.access_log
             return
+        self.store_down = ThrottledWarning()
         self.deadlines = Deadlines()
         self.settlements = Settlements(authorizer, self.metrics)
         authorizer.abandoned = self.settlements.release

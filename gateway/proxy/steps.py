@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,30 @@ if TYPE_CHECKING:
     from gateway.proxy.service import Proxy
 
 log = logging.getLogger("keygate.proxy")
+
+
+class ThrottledWarning:
+    """A store that is down fails every request: one log line per ``every`` seconds that
+    says how many were refused, not one per request (a flood that buries the cause)."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self.next_at = 0.0
+        self.unlogged = 0
+
+    def refused(self, error: BaseException) -> None:
+        self.unlogged += 1
+        now = time.monotonic()
+        if now < self.next_at:
+            return
+        log.warning(
+            "key store unavailable (%s): %d requests refused with 503 since the last line",
+            type(error).__name__,
+            self.unlogged,
+        )
+        self.unlogged = 0
+        self.next_at = now + self.every
+
 Step = Callable[["Proxy", RequestContext], Awaitable[web.StreamResponse | None]]
 
 
@@ -139,7 +164,7 @@ async def authorize_key(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse
         if proxy.settings.redis.on_error == "fail_open":
             metrics.fail_open.inc()
             return None
-        log.warning("key store unavailable: %s", type(exc).__name__)
+        proxy.store_down.refused(exc)
         return deny(ctx, Outcome.STORE_ERROR, "the key store is unavailable; retry shortly")
     status = decision.status
     if status == "ok":

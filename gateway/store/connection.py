@@ -12,6 +12,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.config.model import RedisSettings
+from gateway.store.errors_text import describe as describe  # Redis failures in words
 from gateway.store.topology import RedisTarget, parse_target
 
 # The key store's client: redis-py's cluster client routes each command by its key's slot.
@@ -19,11 +20,6 @@ StoreClient: TypeAlias = Redis | RedisCluster
 # What a failing key store raises: redis-py's errors, its cluster client's own (no node
 # reachable, a slot no node serves), which are not RedisErrors, and socket errors.
 STORE_ERRORS = (RedisError, RedisClusterException, OSError)
-
-
-def describe(error: BaseException) -> str:
-    """One line for a store error, without the client repr some redis-py errors carry."""
-    return f"{type(error).__name__}: {str(error).split(' : <', 1)[0]}"
 
 
 def connect(settings: RedisSettings, url: str) -> StoreClient:

@@ -121,16 +121,25 @@ async def test_unreachable_redis_is_503_with_retry_after_fast(
 
 
 async def test_concurrent_requests_all_get_503_without_piling_up(
-    start_gateway: StartGateway, http: aiohttp.ClientSession, serve_raw: ServeRaw
+    start_gateway: StartGateway,
+    http: aiohttp.ClientSession,
+    serve_raw: ServeRaw,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     gateway = await start_gateway(redis={"url": await _silent_url(serve_raw), **TIMEOUTS})
     headers = bearer(generate("kg_"))
     started = time.monotonic()
-    results = await asyncio.gather(
-        *(_timed_get(http, f"{gateway.url}/echo/{i}", headers) for i in range(30))
-    )
+    with caplog.at_level("WARNING", logger="keygate.proxy"):
+        results = await asyncio.gather(
+            *(_timed_get(http, f"{gateway.url}/echo/{i}", headers) for i in range(30))
+        )
     assert {response.status for response, _ in results} == {503}
     assert time.monotonic() - started < NEVER_HANGS * 2
+    # One line for the outage, not one per request: a flood would bury the cause.
+    lines = [r.getMessage() for r in caplog.records if "key store unavailable" in r.getMessage()]
+    assert lines == [
+        "key store unavailable (TimeoutError): 1 requests refused with 503 since the last line"
+    ]
 
 
 async def test_store_error_on_an_openai_route_is_openai_shaped(
