@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gateway.config import Settings, load
 from gateway.config.model import RedisSettings
-from gateway.config.reader import split_url
+from gateway.config.reader import redact_url
 
 # Looked for in the working directory, in this order, when neither --config nor
 # $KEYGATE_CONFIG names a file.
@@ -77,24 +77,8 @@ def store_target(redis: RedisSettings) -> str:
     where = (
         f"embedded Redis in {os.path.abspath(redis.data_dir)}"
         if redis.embedded
-        else _without_secrets(redis.url)
+        else redact_url(redis.url)
     )
     return f"{where}, key prefix {redis.key_prefix}"
 
 
-def _without_secrets(url: str) -> str:
-    parts = split_url(url)
-    if parts is None:
-        return "an unreadable URL"
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if at:
-        user, colon, _ = userinfo.partition(":")
-        # "redis://secret@host" is a password alone (as the connection reads it).
-        url = url.replace(parts.netloc, f"{user}:***@{hosts}" if colon else f"***@{hosts}", 1)
-    if parts.query:
-        query = "&".join(
-            f"{name}=***" if "password" in name.lower() else f"{name}{sep}{value}"
-            for name, sep, value in (item.partition("=") for item in parts.query.split("&"))
-        )
-        url = url.replace(f"?{parts.query}", f"?{query}", 1)
-    return url  # edited as text: urlunsplit would turn unix:///path into unix:/path
