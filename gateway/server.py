@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from gateway import sockets
 from gateway.admin import metrics_endpoint
 from gateway.admin.app import build_admin_app
 from gateway.admin.reload import Reload
@@ -23,7 +24,7 @@ from gateway.proxy.live import LiveProxy, Reread
 from gateway.runtime import open_store
 from gateway.store.cluster_multiplex import multiplexer_for
 from gateway.store.keystore import KeyStore
-from gateway.workers import WORKER_ENV
+from gateway.workers import WORKER_ENV, report_ready
 
 log = logging.getLogger("keygate")
 
@@ -33,13 +34,15 @@ async def serve(
     url: str,
     on_ready: Callable[[KeyStore], Awaitable[None]] | None = None,
     *,
-    reuse_port: bool = False,
+    listening: sockets.Listening | None = None,
     reread: Reread | None = None,
 ) -> None:
     """Serve the proxy and admin listeners until SIGTERM or SIGINT, then stop in order:
     stop accepting, let in-flight requests finish, close upstream pools and Redis.
 
     ``on_ready`` runs once both listeners accept connections (the demo prints its help).
+    ``listening``: the listeners' sockets, bound already (gateway/sockets.py); without
+    it they are bound here.
     ``reread`` reads the config file again: SIGHUP and POST /v1/admin/reload reload with
     it (gateway/proxy/live.py); without it a reload is refused.
     """
@@ -72,22 +75,30 @@ async def serve(
                 metrics_app, settings, proxy.metrics, shutdown_timeout=grace, listener="metrics"
             )
             listeners.append((metrics_runner, settings.metrics.listen, "metrics"))
+        # Signals are handled before the supervisor hears "serving": a SIGTERM or SIGHUP
+        # that follows it at once must stop or reload, not kill the process outright.
+        signals = _Signals(live)
         try:
+            if listening is None:
+                listening = sockets.bind(settings)
             for runner, address, name in listeners:
                 await runner.setup()
-                site = web.TCPSite(
-                    runner, address.host, address.port, reuse_address=True, reuse_port=reuse_port
-                )
-                await site.start()
-                log.info("%s listener on %s", name, _bound(runner) or address)
+                # A worker serves what its supervisor bound at start; a listener added to
+                # the file since then waits for a restart.
+                for sock in listening.get(name, []):
+                    await web.SockSite(runner, sock).start()
+                if runner.sites:
+                    log.info("%s listener on %s", name, _bound(runner) or address)
+            report_ready()  # to the supervisor, when this process is one of its workers
             # Everything built at startup lives until exit: keep it out of the cyclic
             # collector's sweeps, which otherwise rescan it on every full collection.
             gc.collect()
             gc.freeze()
             if on_ready is not None:
                 await on_ready(store)
-            await _until_signalled(live)
+            await signals.stopped()
         finally:
+            signals.remove()
             log.info("stopping")
             for runner, _, _ in listeners:
                 await runner.cleanup()
@@ -95,26 +106,37 @@ async def serve(
             await multiplexer.close()
 
 
-async def _until_signalled(live: LiveProxy) -> None:
-    """Until SIGTERM or SIGINT; each SIGHUP meanwhile reloads the config."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task[ReloadResult]] = set()
+class _Signals:
+    """SIGTERM and SIGINT stop the server; each SIGHUP reloads the config."""
 
-    def reload() -> None:
-        task = asyncio.create_task(live.reload())  # logs its own outcome
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+    def __init__(self, live: LiveProxy) -> None:
+        self.live = live
+        self.stop = asyncio.Event()
+        self.reloads: set[asyncio.Task[ReloadResult]] = set()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
 
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    try:
-        await stop.wait()
-    finally:
-        loop.remove_signal_handler(signal.SIGHUP)
-        if reloads:
-            await asyncio.gather(*reloads, return_exceptions=True)
+    def _reload(self) -> None:
+        task = asyncio.create_task(self.live.reload())  # logs its own outcome
+        self.reloads.add(task)
+        task.add_done_callback(self.reloads.discard)
+
+    async def stopped(self) -> None:
+        """Until SIGTERM or SIGINT, and any reload under way has finished."""
+        await self.stop.wait()
+        if self.reloads:
+            await asyncio.gather(*self.reloads, return_exceptions=True)
+
+    def remove(self) -> None:
+        """While stopping, a SIGHUP reloads nothing (and still does not kill); SIGTERM
+        and SIGINT keep setting ``stop``, so a second one changes nothing."""
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _ignored_while_stopping)
+
+
+def _ignored_while_stopping() -> None:
+    log.info("SIGHUP while stopping: no reload")
 
 
 def _supervisor_pid() -> int | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -82,7 +84,7 @@ def _for_serving(given: str | None) -> Loaded:
 
 def _serve(args: argparse.Namespace) -> int:
     # aiohttp and the servers load only for `serve`, not for every CLI command.
-    from gateway import logs, runtime, server, workers
+    from gateway import logs, runtime, server, sockets, workers
 
     loaded = _for_serving(args.config)
     settings = loaded.settings
@@ -92,22 +94,32 @@ def _serve(args: argparse.Namespace) -> int:
     if not workers.is_worker():  # the supervisor has said it for its workers
         said = log.info if loaded.source.path is not None else log.warning
         said("%s", loaded.summary(upstreams=True))
-    if settings.workers > 1 and not workers.is_worker():
-        # Workers read the file this process found, wherever they look.
-        path = loaded.source.path
-        config = workers.config_path(None if path is None else str(path))
-        return runtime.with_redis(
+    # Until the event loop handles it (a reload), a SIGHUP must not kill the gateway; the
+    # workers inherit this until theirs do, and read the file as it is when they start.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # The listeners first, before Redis or any worker: a taken port is one line, exit 1.
+    # A worker serves on the sockets its supervisor bound.
+    listening = sockets.inherited(os.environ) or sockets.bind(settings)
+    try:
+        if settings.workers > 1 and not workers.is_worker():
+            # Workers read the file this process found, wherever they look.
+            path = loaded.source.path
+            config = workers.config_path(None if path is None else str(path))
+            return runtime.with_redis(
+                settings,
+                lambda url: workers.Supervisor(
+                    settings, config, url, listening, check=_rereader(loaded, args.workers)
+                ).run(),
+                attach=False,
+            )
+        reread = _rereader(loaded, args.workers)
+        runtime.with_redis(
             settings,
-            lambda url: workers.Supervisor(settings, config, url).run(),
+            lambda url: server.serve(settings, url, listening=listening, reread=reread),
             attach=False,
         )
-    reuse_port = workers.is_worker()  # the supervisor's workers share every port
-    reread = _rereader(loaded, args.workers)
-    runtime.with_redis(
-        settings,
-        lambda url: server.serve(settings, url, reuse_port=reuse_port, reread=reread),
-        attach=False,
-    )
+    finally:
+        sockets.close(listening)
     return 0
 
 

@@ -18,12 +18,15 @@ ENV_PREFIX = "KEYGATE_"
 SECTIONS = ("client", "redis", "keys", "admin", "metrics", "log")
 _TOP_SCALARS = ("listen", "admin_listen", "workers", "shutdown_timeout")
 _FILE_ONLY = ("upstreams", "routes", "dialects")
-# KEYGATE_* variables that are not options: the CLI's config file, the mark the worker
-# supervisor puts on its workers, and what keygate's own tests and tools read.
+# KEYGATE_* variables that are not options: the CLI's config file, what the worker
+# supervisor hands its workers (its pid, their sockets, their readiness pipe), and what
+# keygate's own tests and tools read.
 NOT_OPTIONS = frozenset(
     (
         "KEYGATE_CONFIG",
         "KEYGATE_WORKER_OF",
+        "KEYGATE_LISTENER_FDS",
+        "KEYGATE_READY_FD",
         "KEYGATE_TEST_REDIS",
         "KEYGATE_TEST_REDIS_URL",
         "KEYGATE_FUZZ_EXAMPLES",

@@ -54,4 +54,4 @@ def test_a_listener_address_in_use_is_one_line(tmp_path: Path, redis_url: str) -
         result = _serve(config)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert "address already in use" in result.stderr.splitlines()[-1]
+    assert result.stderr.splitlines()[-1] == f"keygate: 127.0.0.1:{port} (listen) is already in use"

@@ -310,3 +310,22 @@ async def test_every_worker_reloads(
         answers = [await get(running.url("/api"), issued.secret) for _ in range(40)]
     assert answers == [(200, "new")] * 40
     assert running.process.poll() is None
+
+
+async def test_under_workers_an_invalid_config_is_refused_once_and_nothing_changes(
+    serve_app: ServeApp, gateway: Start, make_key: MakeKey
+) -> None:
+    up = f"http://{LOOPBACK}:{await serve_app(_named('up'))}"
+    running = await gateway(
+        {"up": up}, [{"name": "api", "prefix": "/api", "upstream": "up"}], workers=2
+    )
+    issued = await make_key()
+    running.config_path.write_text("routes: [{name: api, prefix: /api, upstream: nowhere}]\n")
+    running.process.send_signal(signal.SIGHUP)
+    await running.wait_log("reload refused, the running config stays: routes[0].upstream")
+    async with _client() as get:
+        answers = [await get(running.url("/api"), issued.secret) for _ in range(20)]
+    assert answers == [(200, "up")] * 20
+    # The supervisor checked the file once; no worker was told to reload it.
+    assert running.stderr.count("reload refused") == 1, running.stderr
+    assert RELOADED not in running.stderr and running.process.poll() is None

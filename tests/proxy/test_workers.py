@@ -1,12 +1,13 @@
-"""``keygate serve --workers N``: the workers share one port (SO_REUSEPORT), their metrics
-add up, a worker that dies is replaced, and SIGTERM lets requests in flight finish before
-every process exits 0."""
+"""``keygate serve --workers N``: the workers share one port (the sockets the supervisor
+bound), their metrics add up, a worker that dies is replaced, and SIGTERM lets requests in
+flight finish before every process exits 0."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -66,6 +67,7 @@ class Workers:
     port: int
     admin: int
     pids: set[int]  # the workers when they were all up
+    errors: Path  # the supervisor's (and its workers') stderr
 
 
 @pytest.fixture
@@ -83,18 +85,20 @@ def supervisor(
             "listen": f"{LOOPBACK}:{port}",
             "admin_listen": f"{LOOPBACK}:{admin}",
             "redis": {"url": redis_url, "key_prefix": key_prefix},
-            "log": {"level": "warning", "access": False},
+            "log": {"format": "text", "level": "info", "access": False},
             "upstreams": {"up": {"url": upstream_url}},
             "routes": [{"name": "up", "prefix": "/up", "upstream": "up"}],
             **extra,
         }
         path = write_config(tmp_path / "gw.yaml", config)
-        process = _spawn(path, tmp_path / "serve.err")
+        errors = tmp_path / "serve.err"
+        process = _spawn(path, errors)
         started.append(process)
         await asyncio.to_thread(_wait, lambda: _ready(admin) and len(_children(process.pid)) == 2)
         pids = _children(process.pid)
-        await asyncio.to_thread(_wait, lambda: all(_listens(w, port) for w in pids))
-        return Workers(process, port, admin, pids)
+        # A worker holds the inherited sockets from its start: wait until each serves.
+        await asyncio.to_thread(_wait, lambda: pids <= _serving(errors))
+        return Workers(process, port, admin, pids, errors)
 
     yield start
     for process in started:
@@ -124,6 +128,12 @@ def _wait(predicate: Any, timeout: float = 20.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("timed out waiting")
+
+
+def _serving(errors: Path) -> set[int]:
+    """The workers the supervisor has logged as serving (each tells it once it does)."""
+    said = errors.read_text(errors="replace")
+    return {int(pid) for pid in re.findall(r"worker \d+ \(pid (\d+)\) serving", said)}
 
 
 def _ready(admin: int) -> bool:
@@ -180,7 +190,8 @@ async def test_workers_share_the_port_add_up_and_are_replaced(
 
         await asyncio.to_thread(_wait, replaced)
         replacement = (_children(process.pid) - workers).pop()
-        await asyncio.to_thread(_wait, lambda: _listens(replacement, port))
+        await asyncio.to_thread(_wait, lambda: replacement in _serving(started.errors))
+        assert _listens(replacement, port)
         assert [await hit() for _ in range(10)] == [200] * 10
         assert await served() == 50  # the dead worker's 20-odd requests are still counted
 
@@ -207,11 +218,11 @@ async def test_sigterm_lets_requests_in_flight_finish(
 
         in_flight = [asyncio.create_task(one()) for _ in range(6)]
         await asyncio.sleep(0.3)  # every request has reached a worker and the upstream
-        started = time.monotonic()
+        since = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert await asyncio.gather(*in_flight) == [(200, "finished")] * 6
     assert await asyncio.to_thread(process.wait, 30) == 0
-    assert time.monotonic() - started < 10  # not the deadline: they finished, then exited
+    assert time.monotonic() - since < 10  # not the deadline: they finished, then exited
 
 
 async def test_a_supervisor_killed_outright_takes_its_workers_with_it(
