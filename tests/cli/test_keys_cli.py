@@ -755,7 +755,8 @@ async def test_list_shows_usage_limit_and_last_use_and_filters_by_name_and_statu
 
     async def names(*args: str) -> list[str]:
         listed = ok(await cli("keys", "list", "--json", *args)).json()["data"]
-        return [row["name"] for row in listed]
+        # Sorted: keys created within one millisecond list in id order, which is random.
+        return sorted(row["name"] for row in listed)
 
     text, *found = await asyncio.gather(
         cli("keys", "list"),
