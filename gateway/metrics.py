@@ -135,7 +135,15 @@ class Metrics:
         )
         self.settlements_lost = Counter(
             "keygate_settlements_lost",
-            "Cost settlements given up after retries (the reservation stays as the charge).",
+            "Cost settlements given up after retrying until their lease ended (the ledger "
+            "resolves their reservation per reservations.on_expiry).",
+            registry=r,
+        )
+        self.reservations_expired = Counter(
+            "keygate_reservations_expired",
+            "Reservations whose lease ended unsettled (their process died, or their settlement "
+            "never got through), by resolution: charge or refund (reservations.on_expiry).",
+            ("resolution",),
             registry=r,
         )
         self.client_connections = Gauge(

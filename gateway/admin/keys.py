@@ -11,8 +11,8 @@ from aiohttp import web
 
 from gateway.errors import Outcome, invalid, problem
 from gateway.store import input as key_input
-from gateway.store.keystore import BadCursor, Issued, KeyExists
-from gateway.store.record import KeyRecord
+from gateway.store.keystore import BadCursor, Issued, KeyExists, KeyStore
+from gateway.store.record import KeyRecord, from_micro
 from gateway.usage import history
 
 from .body import read_object
@@ -56,10 +56,11 @@ async def _render(
 ) -> dict[str, Any]:
     """The record with its derived usage fields (a report read after the change), and the
     secret when one was just issued. Raises Denied (404) if the key vanished meanwhile."""
-    _, report = await request.app[STORE].report(record.id, caller.visible_workspace)
+    store = request.app[STORE]
+    _, report = await store.report(record.id, caller.visible_workspace)
     if report is None:
         raise Denied(_not_found())
-    body = report.to_json()
+    body = await _with_in_flight(store, report.to_json())
     if secret is not None:
         body["key"] = secret
     return body
@@ -146,10 +147,19 @@ async def list_keys(request: web.Request) -> web.Response:
 
 async def get_key(request: web.Request) -> web.Response:
     caller = await authorize(request, "apikeys:view")
-    _, report = await request.app[STORE].report(_key_id(request), caller.visible_workspace)
+    store = request.app[STORE]
+    _, report = await store.report(_key_id(request), caller.visible_workspace)
     if report is None:
         return _not_found()
-    return web.json_response(report.to_json())
+    return web.json_response(await _with_in_flight(store, report.to_json()))
+
+
+async def _with_in_flight(store: KeyStore, body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` (one key's view) with the reservation ledger's requests in flight: one
+    HVALS, so only in single-key answers, never in listings."""
+    in_flight, reserved = await store.reservations(body["id"])
+    body["in_flight"], body["reserved"] = in_flight, from_micro(reserved)
+    return body
 
 
 async def get_usage(request: web.Request) -> web.Response:

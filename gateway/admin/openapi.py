@@ -180,12 +180,25 @@ def _key_schema(with_secret: bool) -> dict[str, Any]:
         "imported": {"type": "boolean", "description": "Adopted from an existing secret or hash."},
         **_derived_schema(),
     }
+    required = list(properties)
     if with_secret:
         properties["key"] = {"type": "string", "description": "The secret. Shown only here, once."}
+        required.append("key")
+    # The reservation ledger's requests in flight: in answers about one key, not in listings.
+    properties["in_flight"] = {
+        "type": "integer",
+        "minimum": 0,
+        "description": "Requests reserved and not settled yet, their lease not ended "
+        "(answers about one key only, not listings).",
+    }
+    properties["reserved"] = {
+        **_CREDITS,
+        "description": "What those requests hold against the caps (answers about one key only).",
+    }
     return {
         "type": "object",
         "additionalProperties": False,
-        "required": list(properties),
+        "required": required,
         "properties": properties,
     }
 

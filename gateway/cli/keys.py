@@ -26,7 +26,7 @@ from gateway.policies.scopes import grants
 from gateway.store import input as key_input
 from gateway.store.connection import describe
 from gateway.store.keystore import BadCursor, Issued, KeyExists, KeyStore
-from gateway.store.record import KEY_TYPES, KeyRecord, Status
+from gateway.store.record import KEY_TYPES, KeyRecord, Status, from_micro
 from gateway.usage import history
 from gateway.usage.periods import PERIODS
 
@@ -438,11 +438,18 @@ async def _now_ms(store: KeyStore) -> int:
 
 
 async def _print(
-    args: argparse.Namespace, store: KeyStore, record: KeyRecord, secret: str | None = None
+    args: argparse.Namespace,
+    store: KeyStore,
+    record: KeyRecord,
+    secret: str | None = None,
 ) -> None:
-    """The record with its usage now (or as it was, if it vanished since)."""
+    """The record with its usage now (or as it was, if it vanished since), and its
+    requests in flight, as the admin API shows one key."""
     _, report = await store.report(record.id)
     data = report.to_json() if report else record.to_json(int(time.time() * 1000))
+    if report:
+        count, reserved = await store.reservations(record.id)
+        data["in_flight"], data["reserved"] = count, from_micro(reserved)
     if args.json:
         print(json.dumps({**data, "key": secret} if secret else data, indent=2))
         return

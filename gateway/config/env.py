@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 ENV_PREFIX = "KEYGATE_"
-SECTIONS = ("client", "redis", "keys", "admin", "metrics", "log")
+SECTIONS = ("client", "redis", "keys", "admin", "metrics", "log", "reservations")
 _TOP_SCALARS = ("listen", "admin_listen", "workers", "shutdown_timeout")
 _FILE_ONLY = ("upstreams", "routes", "dialects")
 # KEYGATE_* variables that are not options: the CLI's config file, what the worker
@@ -153,6 +153,7 @@ _TEXT_OPTIONS = frozenset(
         "log.level",
         "log.access_format",
         "metrics.listen",
+        "reservations.on_expiry",
     )
 )
 
@@ -195,4 +196,5 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "admin": ("max_body_bytes", "default_workspace"),
     "metrics": ("per_key", "per_key_max", "listen", "on_proxy"),
     "log": ("format", "level", "access", "access_format"),
+    "reservations": ("lease_seconds", "on_expiry"),
 }

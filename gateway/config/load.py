@@ -7,6 +7,7 @@ operator fixes a file in one pass.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ from gateway.config.model import (
     DEFAULT_SOURCES,
     DIALECTS,
     HTTP_METHODS,
+    RESERVATION_LEASE_MARGIN,
     Address,
     AdminSettings,
     ClientSettings,
@@ -39,6 +41,7 @@ from gateway.config.model import (
     MetricsSettings,
     RateLimit,
     RedisSettings,
+    Reservations,
     ResourceRule,
     Route,
     Settings,
@@ -212,6 +215,8 @@ _ROUTE_KEYS = (
     "cost",
     "reserve",
     "charge_failed",
+    "lease_seconds",
+    "on_expiry",
     "byok",
     "rate_limit",
     "error_format",
@@ -241,7 +246,7 @@ def _route(
     for i, method in enumerate(methods):
         if method not in HTTP_METHODS:
             r.fail(f"{path}.methods[{i}]", f"unknown method {method!r}")
-    for key in ("reserve", "charge_failed"):
+    for key in ("reserve", "charge_failed", "lease_seconds", "on_expiry"):
         if spec.get(key) is not None and spec.get("cost") is None:
             r.fail(f"{path}.{key}", "needs a cost rule: this route charges nothing")
     return Route(
@@ -273,6 +278,12 @@ def _route(
         ),
         reserve=r.number(spec, "reserve", path, 0.0) if spec.get("reserve") is not None else None,
         charge_failed=r.get(spec, "charge_failed", path, bool, False),
+        lease_seconds=r.number(spec, "lease_seconds", path, 1.0, open_low=True)
+        if spec.get("lease_seconds") is not None
+        else None,
+        on_expiry=cast(Any, r.choice(spec, "on_expiry", path, ("charge", "refund"), "charge"))
+        if spec.get("on_expiry") is not None
+        else None,
         byok=r.get(spec, "byok", path, bool, False),
         rate_limit=_rate_limit(r, spec, path),
         error_format=cast(
@@ -406,6 +417,39 @@ def _routes(
     return tuple(routes)
 
 
+def _reservations(r: Reader, raw: Mapping[str, Any]) -> Reservations:
+    s = r.section(raw, "reservations", "", SECTION_KEYS["reservations"])
+    lease = None
+    if s.get("lease_seconds") is not None:
+        lease = r.number(s, "lease_seconds", "reservations", 1.0, open_low=True)
+    expiry = r.choice(s, "on_expiry", "reservations", ("charge", "refund"), "charge")
+    return Reservations(lease_seconds=lease, on_expiry=cast(Any, expiry))
+
+
+def _leased(
+    routes: tuple[Route, ...], upstreams: Mapping[str, Upstream], reservations: Reservations
+) -> tuple[Route, ...]:
+    """Each route with its reservation lease and expiry rule (see Reservations)."""
+
+    def lease(route: Route) -> float:
+        if route.lease_seconds is not None:
+            return route.lease_seconds
+        if reservations.lease_seconds is not None:
+            return reservations.lease_seconds
+        upstream = upstreams.get(route.upstream)
+        total = upstream.timeouts.total if upstream is not None else Timeouts().total
+        return total + RESERVATION_LEASE_MARGIN
+
+    return tuple(
+        dataclasses.replace(
+            route,
+            lease_seconds=lease(route),
+            on_expiry=route.on_expiry or reservations.on_expiry,
+        )
+        for route in routes
+    )
+
+
 def _dialects(r: Reader, raw: Mapping[str, Any]) -> dict[str, Dialect]:
     section = r.section(raw, "dialects", "", DIALECTS)
     result = {}
@@ -494,6 +538,7 @@ def build(raw: Mapping[str, Any], base: Path) -> Settings:
     admin = r.section(raw, "admin", "", SECTION_KEYS["admin"])
     metrics = r.section(raw, "metrics", "", SECTION_KEYS["metrics"])
     log = r.section(raw, "log", "", SECTION_KEYS["log"])
+    reservations = _reservations(r, raw)
     settings = Settings(
         listen=_address(r, raw, "listen", DEFAULT_LISTEN),
         admin_listen=_address(r, raw, "admin_listen", DEFAULT_ADMIN_LISTEN),
@@ -507,7 +552,8 @@ def build(raw: Mapping[str, Any], base: Path) -> Settings:
             default_workspace=r.get(admin, "default_workspace", "admin", str, "default"),
         ),
         upstreams=upstreams,
-        routes=_routes(r, raw, upstreams),
+        routes=_leased(_routes(r, raw, upstreams), upstreams, reservations),
+        reservations=reservations,
         dialects=_dialects(r, raw),
         metrics=MetricsSettings(
             r.get(metrics, "per_key", "metrics", bool, False),

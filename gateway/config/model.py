@@ -108,6 +108,19 @@ class RateLimit:
     period_seconds: float
 
 
+OnExpiry = Literal["charge", "refund"]
+RESERVATION_LEASE_MARGIN = 30.0  # seconds a lease outlasts its route's total timeout
+
+
+@dataclass(frozen=True, slots=True)
+class Reservations:
+    """The reservation ledger (docs/architecture.md): how long a request's reservation
+    waits for its settlement, and what becomes of it when its process died first."""
+
+    lease_seconds: float | None = None  # None: the route upstream's timeouts.total + margin
+    on_expiry: OnExpiry = "charge"  # charge: the request may have cost money upstream
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     name: str
@@ -127,6 +140,11 @@ class Route:
     error_format: ErrorFormat = "problem"
     sources: tuple[str, ...] | None = None
     websocket: bool = False
+    # The reservation lease and expiry rule; the loader fills in the `reservations`
+    # section's when the route sets none (the lease then defaults to this route
+    # upstream's timeouts.total + RESERVATION_LEASE_MARGIN). None: those defaults.
+    lease_seconds: float | None = None
+    on_expiry: OnExpiry | None = None
     # The route knowingly lets enabled dialects answer the paths they share with it
     # (otherwise such a route is a config error: it would silently lose those requests).
     yield_to_dialects: bool = False
@@ -188,3 +206,4 @@ class Settings:
     dialects: dict[str, Dialect] = field(default_factory=dict)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    reservations: Reservations = field(default_factory=Reservations)

@@ -9,10 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.config.model import Route
+from gateway.config.model import RESERVATION_LEASE_MARGIN, Route, Timeouts
 from gateway.policies.cost import CostMeter, meter_factory
 from gateway.policies.dropped_headers import response_skip
 from gateway.store.record import MICRO
+
+# A route built without the loader (which resolves every route's lease): the default
+# upstream timeout's.
+DEFAULT_LEASE_SECONDS = Timeouts().total + RESERVATION_LEASE_MARGIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +31,8 @@ class RoutePolicy:
     names_resource: bool  # the route has a resource rule (checked against allow-lists)
     new_meter: Callable[[], CostMeter] | None  # a fresh cost meter per response
     response_skip: frozenset[str]  # response headers the client never sees (cost header)
+    lease_ms: str = "330000"  # how long a reservation waits for its settlement
+    on_expiry: str = "c"  # what an unsettled reservation becomes: "c" charged, "r" refunded
 
     @classmethod
     def of(cls, route: Route) -> RoutePolicy:
@@ -45,6 +51,8 @@ class RoutePolicy:
             names_resource=route.resource is not None,
             new_meter=None if route.cost is None else meter_factory(route.cost),
             response_skip=response_skip(route.cost.header if route.cost else None),
+            lease_ms=str(round((route.lease_seconds or DEFAULT_LEASE_SECONDS) * 1000)),
+            on_expiry=(route.on_expiry or "charge")[0],
         )
 
     def needed_scopes(self, method: str) -> str:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,7 +32,11 @@ from gateway.usage.periods import DAY_MS, day_hint
 AUTHORIZE = LuaScript.from_source(script_source("authorize"))
 SETTLE = LuaScript.from_source(script_source("settle"))
 REPORT = LuaScript.from_source(script_source("report"))
-HELD = 8  # where an "ok" reply holds the reservation (see authorize.lua)
+ENTRY_ARG = 16  # where the authorize arguments hold the ledger entry's id (ARGV[17])
+EXPIRED = 8  # where every reply but not_found holds the expired entries charged, refunded
+HELD = 10  # where an "ok" reply holds the reservation (see authorize.lua)
+# A settlement's target: the record, usage prefix, ledger and ledger entries of its key.
+SettleKeys = tuple[str, str, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +60,9 @@ class Decision:
     held_micro: int = 0  # reserved against the caps; settle trues it up
     rate: RateState | None = None
     cap: BlockedCap | None = None
-    settle_keys: tuple[str, str] = ("", "")  # the record and usage prefix, for settle.lua
+    settle_keys: SettleKeys = ("", "", "", "")  # for settle.lua
+    entry: str = ""  # the request's ledger entry ("": none, the route charges nothing)
+    lease_end_ms: int = 0  # when the entry is resolved if it is still unsettled
 
 
 NOT_FOUND = Decision("not_found")
@@ -120,9 +128,17 @@ class KeyAuthorizer:
         self.cache = HashCache(cache_size)
         self.secret_prefix = secret_prefix
         self.clock = clock  # '' (the server's TIME) except in tests of period rollover
-        # Called with the reply of an authorization whose request was cancelled meanwhile
-        # (the proxy refunds its reservation); replaced by Proxy.
-        self.abandoned: Callable[[list[Any], tuple[str, str], RoutePolicy], None] = _ignore
+        # Called with the reply of an authorization whose request was cancelled meanwhile,
+        # its key's names and its ledger entry (the proxy settles it at 0); replaced by Proxy.
+        self.abandoned: Callable[[list[Any], SettleKeys, str, RoutePolicy], None] = _ignore
+        # Given the expired ledger entries a script charged and refunded (metrics);
+        # replaced by the settlements.
+        self.expired: Callable[[int, int], None] = _none_expired
+        # Ledger entry ids: unique per authorization whatever the client sends (a request
+        # id from a header could repeat), cheap (a counter), and unique across processes
+        # and restarts (a random prefix per authorizer, made in the process that serves).
+        self._entry_prefix = secrets.token_hex(8)
+        self._entry_ids = itertools.count()
         # Given each authorize script call's duration in seconds (metrics); replaced by Proxy.
         self.timed: Callable[[float], None] = _discard
 
@@ -155,6 +171,10 @@ class KeyAuthorizer:
             # The buckets of this process's clock: the script uses them when its own clock
             # falls in the same UTC day, and computes its own otherwise.
             *day_hint(int(clock or time.time() * 1000) // DAY_MS),
+            # The ledger entry, for a route that charges: settle.lua finds it by this id.
+            f"{self._entry_prefix}{next(self._entry_ids):x}" if policy.reserve != "" else "",
+            policy.lease_ms,
+            policy.on_expiry,
         )
         if key_id is not None:
             decision = await self._decide(key_id, policy, args)
@@ -192,37 +212,49 @@ class KeyAuthorizer:
     async def _decide(self, key_id: str, policy: RoutePolicy, args: tuple[Any, ...]) -> Decision:
         names = self.names
         rate_key = names.rate(key_id)
-        record, usage = names.record(key_id), names.usage(key_id, "")
+        keys = (
+            names.record(key_id),
+            names.usage(key_id, ""),
+            names.ledger(key_id),
+            names.ledger_entries(key_id),
+        )
+        entry = args[ENTRY_ARG]
         sent_at = time.perf_counter()
         reply = await self.redis.run_script(
             AUTHORIZE,
-            (record, usage, rate_key, f"{rate_key}:{policy.name}"),
+            (keys[0], keys[1], rate_key, f"{rate_key}:{policy.name}", keys[2], keys[3]),
             args,
             # The client left while the script ran: hand back what it reserved.
-            lambda late: self.abandoned(late, (record, usage), policy),
+            lambda late: self.abandoned(late, keys, entry, policy),
         )
         self.timed(time.perf_counter() - sent_at)
         status = reply_text(reply[0])
         if status == "not_found":
             return NOT_FOUND
+        if reply[EXPIRED] or reply[EXPIRED + 1]:
+            self.expired(int(reply[EXPIRED]), int(reply[EXPIRED + 1]))
         key = _identity(*reply[2:8])
         now = int(reply[1])
         if status == "ok":
-            return Decision(
-                status, key, now, int(reply[HELD]), _rate_state(reply, 9), None, (record, usage)
-            )
+            lease_end = now + int(policy.lease_ms)
+            rate = _rate_state(reply, HELD + 1)
+            return Decision(status, key, now, int(reply[HELD]), rate, None, keys, entry, lease_end)
         if status == "rate_limited":
-            return Decision(status, key, now, 0, _rate_state(reply, 9))
+            return Decision(status, key, now, 0, _rate_state(reply, HELD + 1))
         if status == "spend_limited":
-            name, amount, period, counted, resets = reply[8:13]
+            name, amount, period, counted, resets = reply[HELD : HELD + 5]
             cap = BlockedCap(
                 reply_text(name), int(amount), reply_text(period), int(counted), int(resets) or None
             )
-            return Decision(status, key, now, rate=_rate_state(reply, 13), cap=cap)
-        return Decision(status, key, now, rate=_rate_state(reply, 8))
+            return Decision(status, key, now, rate=_rate_state(reply, HELD + 5), cap=cap)
+        return Decision(status, key, now, rate=_rate_state(reply, HELD))
 
 
-def _ignore(reply: list[Any], keys: tuple[str, str], policy: RoutePolicy) -> None:
+def _ignore(reply: list[Any], keys: SettleKeys, entry: str, policy: RoutePolicy) -> None:
+    return None
+
+
+def _none_expired(charged: int, refunded: int) -> None:
     return None
 
 

@@ -1,30 +1,38 @@
 """Settling a request's cost after its response (docs/architecture.md).
 
-The authorize script held the route's reservation; here the actual cost replaces it:
-the upstream's cost when the response tells, the reservation when it does not, and
-nothing when the upstream failed (connect error, timeout or reset before an answer, a
-5xx, or the client gone before the first byte) unless the route says ``charge_failed``.
+The authorize script held the route's reservation and wrote the request's ledger entry;
+here the actual cost replaces it: the upstream's cost when the response tells, the
+reservation when it does not, and nothing when the upstream failed (connect error, timeout
+or reset before an answer, a 5xx, or the client gone before the first byte) unless the
+route says ``charge_failed``.
+
+A settlement names its ledger entry, so applying it twice changes nothing (settle.lua).
+That is what lets a settlement whose fate is unknown (the connection dropped after it was
+sent) be sent again: it is retried through a Redis outage until its lease has ended (plus
+a margin); after that the ledger has resolved the reservation (reservations.on_expiry),
+and a settlement that still lands makes the charge the actual cost, once.
 
 A settlement is queued into the multiplexer's batch of the current event-loop turn, with
-no task and no await in the request's path: the same coalescing as the authorization. It
-outlives its request (a client that leaves does not cancel it), is retried on a store
-error, and ``drain`` waits for every one on shutdown, so nothing is lost or written twice.
+no task and no await in the request's path: the same coalescing as the authorization. The
+settlements of one key within one turn go in one script call. It outlives its request (a
+client that leaves does not cancel it), and ``drain`` waits for every one on shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError
 
-from gateway.proxy.authorize import HELD, SETTLE
+from gateway.proxy.authorize import EXPIRED, SETTLE, SettleKeys
 from gateway.proxy.context import RequestContext
 from gateway.store.connection import STORE_ERRORS
 from gateway.store.multiplex import reply_text
-from gateway.usage.periods import DAY_MS, day_hint
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -33,7 +41,14 @@ if TYPE_CHECKING:
     from gateway.proxy.authorize import Decision, KeyAuthorizer
 
 log = logging.getLogger("keygate.proxy")
-_ATTEMPTS = 3
+# How long past its lease end a settlement is still retried: the lease is measured by the
+# Redis server's clock, the deadline by this host's, and a little skew must not cut it short.
+RETRY_MARGIN_S = 30.0
+# Once shutdown has begun, how long a settlement is retried at most: a stop must not wait
+# out a lease; what is not written by then, the ledger resolves at the lease end.
+DRAIN_RETRY_S = 5.0
+_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0)
+_PER_CALL = 200  # settlements per script call at most (a script's argument list is bounded)
 
 
 def charge(ctx: RequestContext, decision: Decision, meter: CostMeter | None) -> int:
@@ -57,122 +72,159 @@ def charge(ctx: RequestContext, decision: Decision, meter: CostMeter | None) -> 
     return cost
 
 
-class Settlements:
-    """Settlements: summed per key, UTC day and BYOK flag within one event-loop turn, then
-    sent in the multiplexer's batch; the reply futures in flight; retries after a failure.
+@dataclass(slots=True)
+class _Call:
+    """One settle.lua call: a key's settlements of one loop turn."""
 
-    A hot key's many responses in one turn become one script call with their summed
-    delta: exact (a sum of integers), and the same buckets, since every instant of one UTC
-    day falls in the same day, week and month.
-    """
+    keys: SettleKeys
+    pairs: list[Any]  # request id, actual cost (micro), ...
+    deadline: float  # time.time() after which a failed call is given up
+    sent_at: float | None = None  # perf_counter when first sent (None: a retry's)
+
+    def command(self, clock: str) -> tuple[Any, ...]:
+        return ("EVALSHA", SETTLE.sha, 4, *self.keys, clock, *self.pairs)
+
+
+class Settlements:
+    """Settlements: grouped per key within one event-loop turn, then sent in the
+    multiplexer's batch; the calls in flight; retries after a failure."""
 
     def __init__(self, authorizer: KeyAuthorizer, metrics: Metrics) -> None:
         self.authorizer = authorizer
         self.metrics = metrics
-        # reply -> (command, when it was sent; None for a retry, whose latency is not Redis')
-        self.pending: dict[asyncio.Future[Any], tuple[tuple[Any, ...], float | None]] = {}
+        authorizer.expired = self._expired
+        self.pending: dict[asyncio.Future[Any], _Call] = {}
         self.failed = 0  # settlements given up after retries
-        # (record key, usage prefix, UTC day, byok) -> [an instant of that day, delta]
-        self._turn: dict[tuple[str, str, int, str], list[int]] = {}
+        self._turn: dict[SettleKeys, _Call] = {}
         self._flush_handle: asyncio.Handle | None = None
+        self._draining_since: float | None = None
 
     def settle(self, ctx: RequestContext, decision: Decision, meter: CostMeter | None) -> int:
-        """Queue this request's settlement (nothing when the reservation was exact); what
-        the request cost, in micro-units."""
+        """Queue this request's settlement (every request with a ledger entry has one, an
+        exact reservation included: it removes the entry); what the request cost, in
+        micro-units."""
         charged = charge(ctx, decision, meter)
-        delta = charged - decision.held_micro
-        if delta == 0:  # a fixed cost, reserved exactly: nothing to write
-            return charged
-        assert ctx.policy is not None
-        record, usage = decision.settle_keys
-        self._add(record, usage, decision.now_ms, ctx.policy.byok, delta)
+        if decision.entry:
+            lease_ms = decision.lease_end_ms - decision.now_ms
+            self._add(decision.settle_keys, decision.entry, charged, lease_ms)
         return charged
 
-    def release(self, reply: list[Any], keys: tuple[str, str], policy: RoutePolicy) -> None:
-        """Refund what an authorization reserved for a request that was gone before it
+    def release(self, reply: list[Any], keys: SettleKeys, entry: str, policy: RoutePolicy) -> None:
+        """Settle at 0 what an authorization reserved for a request that was gone before it
         could be forwarded (its client left while the script ran). ``reply`` is the
         authorize script's, as the multiplexer gives it (text as str or bytes)."""
-        if reply_text(reply[0]) == "ok" and int(reply[HELD]) != 0:
-            self._add(keys[0], keys[1], int(reply[1]), policy.byok, -int(reply[HELD]))
+        if entry and reply_text(reply[0]) == "ok":
+            if int(reply[EXPIRED]) or int(reply[EXPIRED + 1]):  # expired entries it resolved
+                self._expired(int(reply[EXPIRED]), int(reply[EXPIRED + 1]))
+            self._add(keys, entry, 0, int(policy.lease_ms))
 
-    def _add(self, record: str, usage: str, now_ms: int, byok: str, delta: int) -> None:
-        key = (record, usage, now_ms // DAY_MS, byok)
-        entry = self._turn.get(key)
-        if entry is None:
-            self._turn[key] = [now_ms, delta]
+    def _expired(self, charged: int, refunded: int) -> None:
+        if charged:
+            self.metrics.reservations_expired.labels("charge").inc(charged)
+        if refunded:
+            self.metrics.reservations_expired.labels("refund").inc(refunded)
+
+    def _add(self, keys: SettleKeys, entry: str, actual: int, lease_ms: int) -> None:
+        # The lease is counted from the authorization, by the Redis server's clock (or a
+        # test's); from now by this host's is later, never earlier.
+        deadline = time.time() + lease_ms / 1000 + RETRY_MARGIN_S
+        call = self._turn.get(keys)
+        if call is None or len(call.pairs) >= 2 * _PER_CALL:
+            if call is not None:  # full: sent now, a new one for the rest of the turn
+                self._send(call)
+            self._turn[keys] = _Call(keys, [entry, actual], deadline)
             if self._flush_handle is None:
                 self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
         else:
-            entry[1] += delta
+            call.pairs += (entry, actual)
+            call.deadline = max(call.deadline, deadline)
 
     def _flush(self) -> None:
         self._flush_handle = None
         turn, self._turn = self._turn, {}
-        redis = self.authorizer.redis
-        for (record, usage, _, byok), (now_ms, delta) in turn.items():
-            if delta == 0:
-                continue
-            hint = day_hint(now_ms // DAY_MS)  # exact: the authorize script's own instant
-            call = ("EVALSHA", SETTLE.sha, 2, record, usage, now_ms, byok, delta, *hint)
-            reply = redis.submit(*call)
-            if reply is None:  # no connection open: a task connects first
-                reply = asyncio.ensure_future(self._send(call))
-            self.pending[reply] = (call, time.perf_counter())
-            reply.add_done_callback(self._done)
+        for call in turn.values():
+            self._send(call)
+
+    def _send(self, call: _Call) -> None:
+        call.sent_at = time.perf_counter()
+        reply = self.authorizer.redis.submit(*call.command(self.authorizer.clock()))
+        if reply is None:  # no connection open: a task connects first
+            call.sent_at = None
+            reply = asyncio.ensure_future(self._retry(call, None))
+        self.pending[reply] = call
+        reply.add_done_callback(self._done)
 
     def _done(self, reply: asyncio.Future[Any]) -> None:
-        call, sent_at = self.pending.pop(reply)
+        call = self.pending.pop(reply)
         if reply.cancelled():
             return
-        if reply.exception() is None:
-            if sent_at is not None:
-                self.metrics.settle_duration.observe(time.perf_counter() - sent_at)
-            return
-        self.metrics.redis_errors.labels("settle").inc()
         error = reply.exception()
-        if isinstance(error, NoScriptError):  # not run: the server lost its scripts
-            retry = asyncio.ensure_future(self._send(call))
-            self.pending[retry] = (call, None)
-            retry.add_done_callback(self._done)
-        else:
-            self._lost(call, error)
+        if error is None:
+            if call.sent_at is not None:
+                self.metrics.settle_duration.observe(time.perf_counter() - call.sent_at)
+            self._counted(reply.result())
+            return
+        # Not run (NOSCRIPT, no connection), or its fate is unknown (connection lost after
+        # sending): settle.lua applies a settlement once however often it is sent.
+        self.metrics.redis_errors.labels("settle").inc()
+        not_run = isinstance(error, NoScriptError)  # sent again at once, with its source
+        retry = asyncio.ensure_future(self._retry(call, None if not_run else error))
+        self.pending[retry] = call
+        retry.add_done_callback(self._done)
 
-    async def _send(self, call: tuple[Any, ...]) -> None:
-        """Send a settlement that was not run. Retries only while nothing can have run:
-        a settlement whose fate is unknown (connection lost after sending) is never sent
-        again, so no cost is ever counted twice."""
+    def _counted(self, result: Any) -> None:
+        if isinstance(result, list) and len(result) == 5:
+            self._expired(int(result[3]), int(result[4]))
+
+    async def _retry(self, call: _Call, error: BaseException | None) -> None:
+        """Send ``call`` until it is written, backing off, or give it up (counted as lost)
+        once its lease has ended plus a margin, or DRAIN_RETRY_S into a shutdown."""
         redis = self.authorizer.redis
-        error: BaseException | None = None
-        for attempt in range(_ATTEMPTS):
-            if attempt:
-                await asyncio.sleep(0.05 * 2**attempt)
+        call.sent_at = None
+        for attempt in itertools.count():
+            if error is not None:
+                if not self._may_retry(call):
+                    break
+                await asyncio.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)])
             try:
                 await redis.connect()
+                command = call.command(self.authorizer.clock())
+                result = await redis.evalsha(SETTLE, command[3:7], command[7:])
             except STORE_ERRORS as exc:
                 error = exc
-                continue  # nothing was sent
-            try:
-                await redis.evalsha(SETTLE, call[3 : 3 + call[2]], call[3 + call[2] :])
-                return
-            except STORE_ERRORS as exc:
-                error = exc
-                break
+                continue
+            self._counted(result)
+            return
         self._lost(call, error)
 
-    def _lost(self, call: tuple[Any, ...], error: BaseException | None) -> None:
-        self.failed += 1
-        self.metrics.settlements_lost.inc()
+    def _may_retry(self, call: _Call) -> bool:
+        now = time.time()
+        if now > call.deadline:
+            return False
+        draining = self._draining_since
+        return draining is None or time.monotonic() - draining < DRAIN_RETRY_S
+
+    def _lost(self, call: _Call, error: BaseException | None) -> None:
+        count = len(call.pairs) // 2
+        self.failed += count
+        self.metrics.settlements_lost.inc(count)
         log.error(
-            "settlement of %s micro-units for %s lost: %s",
-            call[7],
-            call[3],
+            "settlement of %d request(s) for %s given up, left to the ledger's expiry: %s",
+            count,
+            call.keys[0],
             type(error).__name__,
         )
 
     async def drain(self) -> None:
-        """Wait for every settlement in flight (graceful shutdown, tests)."""
+        """Wait for every settlement in flight (graceful shutdown, tests); retries of failed
+        ones are bounded by DRAIN_RETRY_S from here."""
+        if self._draining_since is None:
+            self._draining_since = time.monotonic()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush()
-        while self.pending:
-            await asyncio.gather(*list(self.pending), return_exceptions=True)
+        try:
+            while self.pending:
+                await asyncio.gather(*list(self.pending), return_exceptions=True)
+        finally:
+            self._draining_since = None

@@ -92,6 +92,23 @@ class KeyStore:
         seconds, micros = await self.client.time()
         return int(seconds) * 1000 + int(micros) // 1000
 
+    async def reservations(self, key_id: str) -> tuple[int, int]:
+        """The key's requests in flight: how many ledger entries are pending with their
+        lease not ended, and what they reserve (micro-units). One HVALS: the single-key
+        view's, never a listing's."""
+        clock = self.clock()
+        now = int(clock) if clock else await self.server_time_ms()
+        count = reserved = 0
+        for raw in await self.client.hvals(self.names.ledger_entries(key_id)):
+            entry = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if not entry.startswith("p:"):
+                continue  # resolved at its lease end, kept for a late settlement
+            _, amount, _, _, _, lease_end = entry.split(":")
+            if int(lease_end) > now:
+                count += 1
+                reserved += int(amount)
+        return count, reserved
+
     async def create(
         self, values: dict[str, Any], *, secret: str | None = None, sha256: str | None = None
     ) -> Issued:
@@ -336,6 +353,8 @@ class KeyStore:
                     names.rate(key_id),
                     names.usage(key_id, "t"),
                     names.usage(key_id, "bt"),
+                    names.ledger(key_id),
+                    names.ledger_entries(key_id),
                 ],
                 args=[record.hash],
             )

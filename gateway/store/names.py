@@ -29,6 +29,15 @@ class KeyNames:
         """String: GCRA theoretical arrival time."""
         return f"{self.prefix}r:{{{key_id}}}"
 
+    def ledger(self, key_id: str) -> str:
+        """Sorted set: the reservation ledger's request ids, scored by when something is due
+        (a pending entry's lease end; a resolved entry's time to be forgotten)."""
+        return f"{self.prefix}l:{{{key_id}}}"
+
+    def ledger_entries(self, key_id: str) -> str:
+        """Hash: request id -> its ledger entry (lua/lib.lua says the formats)."""
+        return f"{self.prefix}le:{{{key_id}}}"
+
     def workspace_index(self, workspace_id: str) -> str:
         """Sorted set: the workspace's keys, ordered for listing."""
         return f"{self.prefix}ws:{workspace_id}"

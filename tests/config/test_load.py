@@ -196,6 +196,8 @@ def test_a_full_route_is_read_as_written() -> None:
             cost={"header": "X-Usage-Cost", "per_unit": 2},
             reserve=1,
             charge_failed=True,
+            lease_seconds=2.5,
+            on_expiry="refund",
             byok=True,
             rate_limit={"requests": 10, "period_seconds": 1.5},
             sources=["x-api-key"],
@@ -215,6 +217,8 @@ def test_a_full_route_is_read_as_written() -> None:
         cost=CostRule(header="X-Usage-Cost", per_unit=2.0),
         reserve=1.0,
         charge_failed=True,
+        lease_seconds=2.5,
+        on_expiry="refund",
         byok=True,
         rate_limit=RateLimit(10, 1.5),
         sources=("x-api-key",),
@@ -323,6 +327,18 @@ RULES: dict[str, tuple[dict[Any, Any], list[str]]] = {
     "reserve negative": (
         route(reserve=-0.5, cost={"fixed": 1}),
         ["routes[0].reserve: must be a finite number >= 0"],
+    ),
+    "reservation lease zero": (
+        {"reservations": {"lease_seconds": 0}},
+        ["reservations.lease_seconds: must be a finite number > 0"],
+    ),
+    "reservation expiry unknown": (
+        {"reservations": {"on_expiry": "forgive"}},
+        ["reservations.on_expiry: must be one of charge, refund (got 'forgive')"],
+    ),
+    "route lease without a cost": (
+        route(lease_seconds=5),
+        ["routes[0].lease_seconds: needs a cost rule: this route charges nothing"],
     ),
     "reserve huge negative integer": (
         route(reserve=-(10**400), cost={"fixed": 1}),
@@ -806,6 +822,10 @@ ENV_RULES: dict[str, tuple[dict[str, str], list[str]]] = {
     "listen a port only": (
         {"KEYGATE_LISTEN": "8080"},
         ["KEYGATE_LISTEN: must be host:port or [ipv6]:port (got '8080')"],
+    ),
+    "reservation expiry": (
+        {"KEYGATE_RESERVATIONS_ON_EXPIRY": "never"},
+        ["KEYGATE_RESERVATIONS_ON_EXPIRY: must be one of charge, refund (got 'never')"],
     ),
     "log level": (
         {"KEYGATE_LOG_LEVEL": "verbose"},

@@ -58,6 +58,9 @@ async def test_an_authorization_abandoned_on_an_ask_redirection_is_refunded(
     # target can run the authorize script mid-migration.
     for name in (names.usage(key_id, ""), names.rate(key_id), f"{names.rate(key_id)}:header"):
         await redis.set(name, "0")
+    # Nor, with nothing in flight, the key's reservation ledger.
+    await redis.zadd(names.ledger(key_id), {"placeholder": 2**52})
+    await redis.hset(names.ledger_entries(key_id), "placeholder", "")
 
     slot = key_slot(names.record(key_id))
     home = cluster.owner_of_slot(slot)

@@ -1,18 +1,22 @@
 -- The proxy's whole decision before forwarding, atomic (docs/architecture.md; Unkey's order):
 -- the presented hash is the key's -> not disabled -> not expired -> scopes -> resource ->
 -- rate limit (GCRA) -> reserve the expected cost against every spending cap. Nothing is
--- written unless every check passes; then the reservation, the rate state, total_uses and
--- last_used_at are written together.
+-- written unless every check passes; then the reservation, its ledger entry, the rate
+-- state, total_uses and last_used_at are written together. Whatever the outcome, the key's
+-- ledger entries whose lease ended unsettled are resolved first (resolve_expired, lib.lua).
 -- KEYS: 1 record, 2 usage prefix (kg:u:{id}:), 3 the key's rate state, 4 the route's
---       default rate state for this key
+--       default rate state for this key, 5 the key's ledger, 6 its ledger entries
 -- ARGV: 1 presented sha256, 2 clock override ms ('' = TIME), 3 reserve (micro; '' for a
 --       route that charges nothing: caps do not apply to it),
 --       4 byok route '1'|'0', 5 needed scopes (space-separated), 6 resource: '0' the route
 --       names none, '1' not read yet, '2' read: 7, 8 route rate limit requests ('' none),
 --       9 route rate period (ms), 10-16 the buckets of the caller's clock (a hint, see
---       buckets_at in lib.lua)
+--       buckets_at in lib.lua), 17 the ledger entry's request id (unique per
+--       authorization; '' for none), 18 its lease (ms), 19 at its lease end 'c' charge | 'r'
+--       refund
 -- Returns {status, now_ms} for not_found, else {status, now_ms, id, workspace_id, user_id,
--- scopes_json, resources_json|false, name|false, ...}: for ok and rate_limited then held and the rate
+-- scopes_json, resources_json|false, name|false, expired entries charged, expired entries
+-- refunded, ...}: for ok and rate_limited then held and the rate
 -- fields: RateLimit-Policy, RateLimit, Retry-After seconds ('' alone when no rate limit
 -- applies; the key's own limit is policy "key", a route's default "route"); for
 -- spend_limited then cap name, amount, period, counted spend, resets_at_ms (0: never),
@@ -28,8 +32,10 @@ if not f[1] then return {'not_found', now} end
 if f[1] ~= presented and not (f[2] == presented and now < tonumber(f[3] or '0')) then
   return {'not_found', now}
 end
+local charged, refunded = 0, 0
+if KEYS[5] then charged, refunded = resolve_expired(KEYS[5], KEYS[6], KEYS[2], now) end
 local function reply(status, ...)
-  return {status, now, f[6], f[7], f[8], f[9], f[10], f[13], ...}
+  return {status, now, f[6], f[7], f[8], f[9], f[10], f[13], charged, refunded, ...}
 end
 if f[4] == '1' then return reply('disabled') end
 if f[5] and now >= tonumber(f[5]) then return reply('expired') end
@@ -133,6 +139,13 @@ if new_tat then
     math.ceil((new_tat - now_us) / 1000) + 1000)
 end
 if reserve > 0 then add_usage(KEYS[2], b or buckets_at(now, ARGV, 10), byok, reserve) end
+local entry = ARGV[17]
+if entry and entry ~= '' and ARGV[3] ~= '' then
+  local lease_end = now + tonumber(ARGV[18])
+  redis.call('ZADD', KEYS[5], lease_end, entry)
+  redis.call('HSET', KEYS[6], entry, string.format('p:%d:%d:%s:%s:%d', reserve, now,
+    byok and '1' or '0', ARGV[19], lease_end))
+end
 redis.call('HINCRBY', KEYS[1], 'total_uses', 1)
 -- last_used_at to the second: a busy key's record is not rewritten on every request.
 if not f[12] or now - tonumber(f[12]) >= 1000 or now < tonumber(f[12]) then

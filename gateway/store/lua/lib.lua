@@ -121,3 +121,44 @@ local function resets_at(cap, b)
   if cap[3] == 'total' then return 0 end
   return b[cap[3] .. '_end']
 end
+
+-- The reservation ledger (docs/architecture.md, "The reservation ledger"). Per key, a
+-- sorted set of request ids scored by when something is due, and a hash of entries:
+--   'p:<amount>:<authorized ms>:<byok 0|1>:<c|r>:<lease end ms>'  pending: reserved and not
+--       settled yet; at its lease end it is charged (c) or refunded (r)
+--   'c:<amount>:<authorized ms>:<byok>' or 'r:...'  resolved at its lease end, unsettled; a
+--       late settlement still makes its charge the actual cost, once
+-- A resolved entry is kept LEDGER_KEEP after its resolution, then forgotten.
+local LEDGER_KEEP = DAY
+local RESOLVE_PER_CALL = 100 -- bounds one script's work; the next call resolves the rest
+
+-- Resolve the entries of a key whose lease ended unsettled (their process died, or their
+-- settlement never got through), and forget resolved ones kept long enough.
+-- Returns how many were charged and how many refunded.
+local function resolve_expired(ledger, entries, usage, now)
+  local due = redis.call('ZRANGEBYSCORE', ledger, '-inf', now, 'LIMIT', 0, RESOLVE_PER_CALL)
+  if #due == 0 then return 0, 0 end
+  local charged, refunded = 0, 0
+  for _, id in ipairs(due) do
+    local entry = redis.call('HGET', entries, id)
+    local amount, at, byok, rule
+    if entry then
+      amount, at, byok, rule = string.match(entry, '^p:(%-?%d+):(%d+):([01]):([cr])')
+    end
+    if rule then
+      if rule == 'r' then
+        local micro = tonumber(amount)
+        if micro ~= 0 then add_usage(usage, buckets(tonumber(at)), byok == '1', -micro) end
+        refunded = refunded + 1
+      else
+        charged = charged + 1 -- the reservation already counts in usage
+      end
+      redis.call('HSET', entries, id, rule .. ':' .. amount .. ':' .. at .. ':' .. byok)
+      redis.call('ZADD', ledger, now + LEDGER_KEEP, id)
+    else
+      redis.call('HDEL', entries, id)
+      redis.call('ZREM', ledger, id)
+    end
+  end
+  return charged, refunded
+end
