@@ -30,6 +30,7 @@ class Outcome(Enum):
     FORBIDDEN_RESOURCE = "forbidden_resource"
     FORBIDDEN = "forbidden"
     RATE_LIMITED = "rate_limited"
+    CONCURRENCY_LIMITED = "concurrency_limited"
     SPEND_LIMITED = "spend_limited"
     STORE_ERROR = "store_error"
     UPSTREAM_ERROR = "upstream_error"
@@ -53,6 +54,7 @@ _STATUS: dict[Outcome, tuple[int, str]] = {
     Outcome.FORBIDDEN_RESOURCE: (403, "Resource not allowed"),
     Outcome.FORBIDDEN: (403, "Forbidden"),
     Outcome.RATE_LIMITED: (429, "Rate limit exceeded"),
+    Outcome.CONCURRENCY_LIMITED: (429, "Too many requests in flight"),
     Outcome.SPEND_LIMITED: (402, "Spending limit reached"),
     Outcome.STORE_ERROR: (503, "Key store unavailable"),
     Outcome.UPSTREAM_ERROR: (502, "Upstream unreachable"),

@@ -176,6 +176,11 @@ def _key_schema(with_secret: bool) -> dict[str, Any]:
                 "period_seconds": {"type": "number", "exclusiveMinimum": 0},
             },
         },
+        "max_in_flight": {
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "description": "Requests in flight at once across replicas; null: no limit.",
+        },
         "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
         "imported": {"type": "boolean", "description": "Adopted from an existing secret or hash."},
         **_derived_schema(),

@@ -239,6 +239,12 @@ def _field_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
         "--rate-limit", metavar="N/SECONDS", help="this key's rate limit, e.g. 100/60"
     )
     parser.add_argument(
+        "--max-in-flight",
+        metavar="N",
+        help="requests of this key in flight at once, on every replica together (429 "
+        "concurrency_limited beyond); 0 or none: no limit",
+    )
+    parser.add_argument(
         "--metadata",
         action="append",
         metavar="K=V",
@@ -268,7 +274,7 @@ def _field_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
             default=[],
             metavar="FIELD",
             help="set a nullable field to null: name, team_name, resources, "
-            "expires_at, limit, limit_reset, rate_limit (repeat)",
+            "expires_at, limit, limit_reset, rate_limit, max_in_flight (repeat)",
         )
 
 
@@ -375,6 +381,8 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
             body["rate_limit"] = {"requests": int(requests), "period_seconds": float(seconds)}
         except ValueError:
             raise _invalid("--rate-limit: expected N/SECONDS, e.g. 100/60") from None
+    if args.max_in_flight is not None:
+        body["max_in_flight"] = _max_in_flight(args.max_in_flight)
     if args.spend_caps:
         caps = []
         for cap in args.spend_caps:
@@ -392,6 +400,20 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
     for name in getattr(args, "clear", []):
         body[name] = None
     return body
+
+
+def _max_in_flight(raw: str) -> int | None:
+    """--max-in-flight's value as the API takes it: 0 or none clear the limit (null); any
+    other integer is checked by the API's own rule, so -1 is refused naming the field."""
+    text = raw.strip().lower()
+    if text in ("0", "none"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise _invalid(
+            f"--max-in-flight: expected a whole number (0 or none: no limit), got {raw!r}"
+        ) from None
 
 
 def _validate(

@@ -79,7 +79,8 @@ def minted_scopes(held: tuple[str, ...]) -> tuple[str, ...]:
 
 def minted_values(caller: KeyRecord, name: str | None) -> dict[str, Any]:
     """A new key of the caller's user, never looser than the caller: the same workspace,
-    resources, expiry, spending limits and rate limit (None values are left unset)."""
+    resources, expiry, spending limits, rate limit and max_in_flight (None values are left
+    unset)."""
     return {
         "name": name,
         "user_id": caller.user_id,
@@ -94,6 +95,7 @@ def minted_values(caller: KeyRecord, name: str | None) -> dict[str, Any]:
         "include_byok_in_limit": caller.include_byok_in_limit,
         "spend_caps": caller.spend_caps,
         "rate_limit": caller.rate_limit,
+        "max_in_flight": caller.max_in_flight,
         "metadata": {"created_via": "langflow", "created_by_key": caller.id},
     }
 

@@ -272,6 +272,9 @@ async def create_key(call: Call) -> web.Response:
         raise Refused(400, "name: required, a non-empty string")
     values = _parse(body, "create", call.now_ms)
     values.update(workspace_id=call.caller.workspace_id, user_id=call.caller.user_id)
+    # OpenRouter's body has no concurrency field: the new key holds to its creator's.
+    if call.caller.max_in_flight is not None:
+        values["max_in_flight"] = call.caller.max_in_flight
     issued = await call.store.create(values)
     return json_response(
         {"data": await _render(call, issued.record), "key": issued.secret}, status=201

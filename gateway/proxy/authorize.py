@@ -23,6 +23,7 @@ from gateway.policies.ratelimit import RateState
 from gateway.proxy.context import KeyIdentity
 from gateway.store.clock import ClockOverride, server_clock
 from gateway.store.cluster_multiplex import Multiplexer
+from gateway.store.keystore import pending_ids
 from gateway.store.multiplex import LuaScript, reply_text
 from gateway.store.names import KeyNames
 from gateway.store.scripts import script_source
@@ -35,8 +36,10 @@ REPORT = LuaScript.from_source(script_source("report"))
 ENTRY_ARG = 16  # where the authorize arguments hold the ledger entry's id (ARGV[17])
 EXPIRED = 8  # where every reply but not_found holds the expired entries charged, refunded
 HELD = 10  # where an "ok" reply holds the reservation (see authorize.lua)
-# A settlement's target: the record, usage prefix, ledger and ledger entries of its key.
-SettleKeys = tuple[str, str, str, str]
+WRITTEN = 11  # where an "ok" reply says whether a ledger entry was written (1) or not (0)
+# A settlement's target: the record, usage prefix, ledger, ledger entries and pending ids
+# of its key.
+SettleKeys = tuple[str, str, str, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,16 +56,19 @@ class BlockedCap:
 @dataclass(frozen=True, slots=True)
 class Decision:
     # ok | not_found | disabled | expired | forbidden_scope | forbidden_resource |
-    # need_resource | rate_limited | spend_limited
+    # need_resource | rate_limited | concurrency_limited | spend_limited
     status: str
     key: KeyIdentity | None = None
     now_ms: int = 0  # the script's clock: settle charges the buckets of this instant
     held_micro: int = 0  # reserved against the caps; settle trues it up
     rate: RateState | None = None
     cap: BlockedCap | None = None
-    settle_keys: SettleKeys = ("", "", "", "")  # for settle.lua
-    entry: str = ""  # the request's ledger entry ("": none, the route charges nothing)
+    settle_keys: SettleKeys = ("", "", "", "", "")  # for settle.lua
+    # The request's ledger entry ("": none, the route charges nothing and the key has no
+    # max_in_flight).
+    entry: str = ""
     lease_end_ms: int = 0  # when the entry is resolved if it is still unsettled
+    max_in_flight: int = 0  # concurrency_limited: the key's limit
 
 
 NOT_FOUND = Decision("not_found")
@@ -171,8 +177,9 @@ class KeyAuthorizer:
             # The buckets of this process's clock: the script uses them when its own clock
             # falls in the same UTC day, and computes its own otherwise.
             *day_hint(int(clock or time.time() * 1000) // DAY_MS),
-            # The ledger entry, for a route that charges: settle.lua finds it by this id.
-            f"{self._entry_prefix}{next(self._entry_ids):x}" if policy.reserve != "" else "",
+            # The ledger entry's id, for a route that charges or a key with max_in_flight
+            # (the script decides): settle.lua finds it by this id.
+            f"{self._entry_prefix}{next(self._entry_ids):x}",
             policy.lease_ms,
             policy.on_expiry,
         )
@@ -217,12 +224,13 @@ class KeyAuthorizer:
             names.usage(key_id, ""),
             names.ledger(key_id),
             names.ledger_entries(key_id),
+            pending_ids(names, key_id),
         )
         entry = args[ENTRY_ARG]
         sent_at = time.perf_counter()
         reply = await self.redis.run_script(
             AUTHORIZE,
-            (keys[0], keys[1], rate_key, f"{rate_key}:{policy.name}", keys[2], keys[3]),
+            (keys[0], keys[1], rate_key, f"{rate_key}:{policy.name}", keys[2], keys[3], keys[4]),
             args,
             # The client left while the script ran: hand back what it reserved.
             lambda late: self.abandoned(late, keys, entry, policy),
@@ -237,10 +245,14 @@ class KeyAuthorizer:
         now = int(reply[1])
         if status == "ok":
             lease_end = now + int(policy.lease_ms)
-            rate = _rate_state(reply, HELD + 1)
-            return Decision(status, key, now, int(reply[HELD]), rate, None, keys, entry, lease_end)
+            rate = _rate_state(reply, WRITTEN + 1)
+            held, written = int(reply[HELD]), entry if int(reply[WRITTEN]) else ""
+            return Decision(status, key, now, held, rate, None, keys, written, lease_end)
         if status == "rate_limited":
             return Decision(status, key, now, 0, _rate_state(reply, HELD + 1))
+        if status == "concurrency_limited":
+            rate = _rate_state(reply, HELD + 2)
+            return Decision(status, key, now, rate=rate, max_in_flight=int(reply[HELD]))
         if status == "spend_limited":
             name, amount, period, counted, resets = reply[HELD : HELD + 5]
             cap = BlockedCap(

@@ -256,8 +256,10 @@ class Proxy:
                 return response
         decision = ctx.decision  # None when let through on a store error (fail_open)
         meter = None if decision is None or ctx.policy is None else ctx.policy.meter()
-        await send_continue(request)  # authorised: a client holding its body back sends it
         try:
+            # Authorised: a client holding its body back sends it. Inside the try: a client
+            # that leaves here still has its reservation settled (refunded), not leased.
+            await send_continue(request)
             if ctx.match is not None and ctx.match.route.websocket and is_upgrade(request):
                 response = await proxy_websocket(self, ctx, meter)
             else:

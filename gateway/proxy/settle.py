@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError
 
-from gateway.proxy.authorize import EXPIRED, SETTLE, SettleKeys
+from gateway.proxy.authorize import EXPIRED, SETTLE, WRITTEN, SettleKeys
 from gateway.proxy.context import RequestContext
 from gateway.store.connection import STORE_ERRORS
 from gateway.store.multiplex import reply_text
@@ -82,7 +82,7 @@ class _Call:
     sent_at: float | None = None  # perf_counter when first sent (None: a retry's)
 
     def command(self, clock: str) -> tuple[Any, ...]:
-        return ("EVALSHA", SETTLE.sha, 4, *self.keys, clock, *self.pairs)
+        return ("EVALSHA", SETTLE.sha, len(self.keys), *self.keys, clock, *self.pairs)
 
 
 class Settlements:
@@ -111,9 +111,10 @@ class Settlements:
 
     def release(self, reply: list[Any], keys: SettleKeys, entry: str, policy: RoutePolicy) -> None:
         """Settle at 0 what an authorization reserved for a request that was gone before it
-        could be forwarded (its client left while the script ran). ``reply`` is the
-        authorize script's, as the multiplexer gives it (text as str or bytes)."""
-        if entry and reply_text(reply[0]) == "ok":
+        could be forwarded (its client left while the script ran), and free its slot of
+        max_in_flight. ``reply`` is the authorize script's, as the multiplexer gives it
+        (text as str or bytes); it says whether the entry was written."""
+        if entry and reply_text(reply[0]) == "ok" and int(reply[WRITTEN]):
             if int(reply[EXPIRED]) or int(reply[EXPIRED + 1]):  # expired entries it resolved
                 self._expired(int(reply[EXPIRED]), int(reply[EXPIRED + 1]))
             self._add(keys, entry, 0, int(policy.lease_ms))
@@ -189,7 +190,8 @@ class Settlements:
             try:
                 await redis.connect()
                 command = call.command(self.authorizer.clock())
-                result = await redis.evalsha(SETTLE, command[3:7], command[7:])
+                keys_end = 3 + len(call.keys)
+                result = await redis.evalsha(SETTLE, command[3:keys_end], command[keys_end:])
             except STORE_ERRORS as exc:
                 error = exc
                 continue

@@ -141,7 +141,8 @@ KEY_DENIALS = {  # the script's refusals of the key itself, also for GET /v1/key
 
 async def authorize_key(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse | None:
     """Every check on the key, and the reservation, in one Redis script (authorize.lua):
-    valid, not disabled, not expired, scopes, resource, rate limit, spending caps."""
+    valid, not disabled, not expired, scopes, resource, rate limit, max_in_flight,
+    spending caps."""
     assert ctx.secret is not None and ctx.match is not None
     policy = ctx.policy = proxy.policies[ctx.match.route.name]
     metrics = proxy.metrics
@@ -209,6 +210,15 @@ def _refusal(
             f"this key's rate limit ({decision.rate.policy}) is reached; "
             f"retry in {decision.rate.retry_after} s",
             headers=ratelimit.denied_headers(decision.rate),
+        )
+    if status == "concurrency_limited":
+        # Retry-After 1: a slot frees when any request of the key ends, which is not known.
+        return deny(
+            ctx,
+            Outcome.CONCURRENCY_LIMITED,
+            f"this key allows {decision.max_in_flight} requests in flight at once, "
+            "and that many are; retry shortly",
+            headers={"Retry-After": "1"},
         )
     assert status == "spend_limited" and decision.cap is not None
     return spend_denied(ctx, decision.cap, decision.now_ms)

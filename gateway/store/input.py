@@ -203,6 +203,15 @@ def _rate_limit(value: Any, _now: int) -> RateLimitSpec:
     return RateLimitSpec(requests, period)
 
 
+MAX_IN_FLIGHT = 1_000_000
+
+
+def _max_in_flight(value: Any, _now: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_IN_FLIGHT:
+        raise ValueError(f"must be an integer from 1 to {MAX_IN_FLIGHT} (null: no limit)")
+    return value
+
+
 def _metadata(value: Any, _now: int) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ValueError("must be an object of string values")
@@ -340,6 +349,15 @@ FIELDS: tuple[FieldSpec, ...] = (
         },
         _rate_limit,
         "Requests allowed per period; null: the route's default.",
+        nullable=True,
+    ),
+    FieldSpec(
+        "max_in_flight",
+        "max_in_flight",
+        {"type": "integer", "minimum": 1, "maximum": MAX_IN_FLIGHT},
+        _max_in_flight,
+        "Requests of this key in flight at once, on every replica together; one more is "
+        "refused (429 concurrency_limited). null: no limit.",
         nullable=True,
     ),
     FieldSpec(

@@ -59,6 +59,7 @@ class KeyRecord:
     include_byok_in_limit: bool = False
     spend_caps: tuple[SpendCap, ...] = ()
     rate_limit: RateLimitSpec | None = None
+    max_in_flight: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     imported: bool = False
     grace_hash: str | None = None
@@ -108,6 +109,7 @@ class KeyRecord:
                 "requests": self.rate_limit.requests,
                 "period_seconds": self.rate_limit.period_seconds,
             },
+            "max_in_flight": self.max_in_flight,
             "metadata": dict(self.metadata),
             "imported": self.imported,
         }
@@ -178,6 +180,7 @@ def decode(raw: dict[str, str]) -> KeyRecord:
         include_byok_in_limit=raw.get("include_byok_in_limit") == "1",
         spend_caps=tuple(SpendCap(int(a), p) for a, p in json.loads(raw.get("spend_caps", "[]"))),
         rate_limit=None if rate is None else RateLimitSpec(*json.loads(rate)),
+        max_in_flight=opt_int("max_in_flight"),
         metadata=json.loads(raw.get("metadata", "{}")),
         imported=raw.get("imported") == "1",
         grace_hash=raw.get("grace_hash"),

@@ -168,6 +168,28 @@ async def test_patch_changes_only_the_given_fields(admin_client: Client, make_ke
     assert refused.status == 403 and (await refused.json())["code"] == "disabled"
 
 
+async def test_max_in_flight_is_set_shown_changed_and_cleared(
+    admin_client: Client, make_key: MakeKey
+) -> None:
+    admin = await _admin(make_key)
+    created = await admin_client.post(
+        "/v1/keys", headers=bearer(admin), json={"name": "c", "max_in_flight": 5}
+    )
+    assert created.status == 201
+    body = await created.json()
+    assert body["max_in_flight"] == 5
+    url = f"/v1/keys/{body['id']}"
+    assert (await (await admin_client.get(url, headers=bearer(admin))).json())["max_in_flight"] == 5
+    changed = await admin_client.patch(url, headers=bearer(admin), json={"max_in_flight": 7})
+    assert (changed.status, (await changed.json())["max_in_flight"]) == (200, 7)
+    cleared = await admin_client.patch(url, headers=bearer(admin), json={"max_in_flight": None})
+    assert (cleared.status, (await cleared.json())["max_in_flight"]) == (200, None)
+    listed = await admin_client.get("/v1/keys", headers=bearer(admin))
+    assert {k["id"]: k["max_in_flight"] for k in (await listed.json())["data"]}[body["id"]] is None
+    plain = await admin_client.post("/v1/keys", headers=bearer(admin), json={"name": "p"})
+    assert (await plain.json())["max_in_flight"] is None
+
+
 async def test_delete_revokes_on_the_very_next_request(
     admin_client: Client, make_key: MakeKey
 ) -> None:

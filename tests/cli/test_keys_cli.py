@@ -385,6 +385,24 @@ async def test_update_changes_only_the_given_fields(cli: Cli, store: KeyStore) -
     assert enabled["rate_limit"] == {"requests": 10, "period_seconds": 1.0}
 
 
+async def test_max_in_flight_is_set_changed_and_cleared(cli: Cli) -> None:
+    created = ok(await cli("keys", "create", "--json", "--max-in-flight", "5")).json()
+    assert created["max_in_flight"] == 5
+    key_id = created["id"]
+    changed = ok(await cli("keys", "update", key_id, "--json", "--max-in-flight", "7")).json()
+    assert changed["max_in_flight"] == 7
+    cleared = ok(await cli("keys", "update", key_id, "--json", "--max-in-flight", "0")).json()
+    assert cleared["max_in_flight"] is None
+    ok(await cli("keys", "update", key_id, "--max-in-flight", "3"))
+    by_name = ok(await cli("keys", "update", key_id, "--json", "--max-in-flight", "none")).json()
+    assert by_name["max_in_flight"] is None
+    ok(await cli("keys", "update", key_id, "--max-in-flight", "3"))
+    by_clear = ok(await cli("keys", "update", key_id, "--json", "--clear", "max_in_flight")).json()
+    assert by_clear["max_in_flight"] is None
+    shown = ok(await cli("keys", "show", key_id, "--json")).json()
+    assert shown["max_in_flight"] is None
+
+
 # --- revoke and rotate ---------------------------------------------------------------------
 
 
@@ -489,6 +507,9 @@ BAD_INPUT: list[tuple[list[str], tuple[str, ...]]] = [
     (["create", "--expires-at", "2001-01-01T00:00:00Z"], (r"^keygate: expires_at: .*future",)),
     (["create", "--limit-reset", "hourly"], (r"argument --limit-reset: invalid choice: 'hourly'",)),
     (["create", "--rate-limit", "ten"], (r"^keygate: --rate-limit: expected N/SECONDS",)),
+    (["create", "--max-in-flight", "-1"], (r"^keygate: max_in_flight: must be an integer from 1",)),
+    (["create", "--max-in-flight", "x"], (r"^keygate: --max-in-flight: expected a whole number",)),
+    (["create", "--max-in-flight", "1.5"], (r"^keygate: --max-in-flight: expected a whole",)),
     (["create", "--spend-cap", "lots"], (r"^keygate: --spend-cap: expected AMOUNT/PERIOD",)),
     (
         ["create", "--spend-cap", "5/hourly"],

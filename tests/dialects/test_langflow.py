@@ -261,6 +261,23 @@ async def test_a_created_key_is_never_looser_than_its_creator(
     assert (record.user_id, record.workspace_id) == (caller.record.user_id, "ws-a")
 
 
+async def test_a_created_key_inherits_its_creators_max_in_flight(
+    gateway: Gateway, http: aiohttp.ClientSession, make_key: MakeKey, store: KeyStore
+) -> None:
+    caller = await make_key(scopes=["apikeys:*", "chat:invoke"], max_in_flight=3)
+    plain = await make_key(scopes=["apikeys:*", "chat:invoke"])
+    made = {}
+    for creator in (caller, plain):
+        async with http.post(f"{gateway.url}{PATH}", headers=key(creator), json={}) as response:
+            assert response.status == 200
+            made[creator.record.id] = (await response.json())["id"]
+    # What Redis holds for each new key: the creator's limit, or none.
+    client = store.client
+    inherited = await client.hget(store.names.record(made[caller.record.id]), "max_in_flight")
+    assert inherited in ("3", b"3")
+    assert await client.hget(store.names.record(made[plain.record.id]), "max_in_flight") is None
+
+
 @pytest.mark.parametrize(
     ("data", "kind"),
     [

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from gateway.store.keystore import pending_ids
 from gateway.store.names import KeyNames
 from gateway.store.scripts import script_source
 from tests.conftest import MakeKey
@@ -108,3 +109,45 @@ async def test_resolved_entries_are_forgotten_a_day_later(ledger: Ledger, redis:
     assert await redis.hlen(entries) == 0
     assert await redis.zcard(ledger.names.ledger(ledger.key_id)) == 0
     assert await ledger.usage() == RESERVE  # charged at its lease end, and that stays
+
+
+async def test_max_in_flight_counts_pending_entries_with_their_lease_running(
+    redis: Redis, key_prefix: str, make_key: MakeKey
+) -> None:
+    """authorize.lua with the pending ids (KEYS[7]) and a key allowed 2 in flight, on a
+    route that charges nothing: each admitted request holds an entry; a third is refused
+    while two are pending; a settlement frees a slot; an entry whose lease ended (resolved,
+    kept a day for a late settlement) holds none."""
+    issued = await make_key(max_in_flight=2)
+    names, key_id = KeyNames(key_prefix), issued.record.id
+    authorize = redis.register_script(script_source("authorize"))
+    settle = redis.register_script(script_source("settle"))
+    rate = names.rate(key_id)
+    ledger_keys = [names.ledger(key_id), names.ledger_entries(key_id), pending_ids(names, key_id)]
+    keys = [names.record(key_id), names.usage(key_id, ""), rate, f"{rate}:r", *ledger_keys]
+    settle_keys = [names.record(key_id), names.usage(key_id, ""), *ledger_keys]
+
+    async def admit(now_ms: int, entry: str) -> str:
+        args = [issued.record.hash, now_ms, "", "0", "", "0", "", "", "", *[""] * 7]
+        reply = await authorize(keys=keys, args=[*args, entry, LEASE_MS, "c"])
+        status = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+        if status == "ok":
+            assert int(reply[11]) == 1  # an entry was written, amount 0
+        return str(status)
+
+    now = await _now(redis)
+    assert [await admit(now, "a"), await admit(now + 1, "b")] == ["ok", "ok"]
+    assert await admit(now + 2, "c") == "concurrency_limited"
+    assert await settle(keys=settle_keys, args=[now + 3, "a", 0])
+    assert await admit(now + 4, "d") == "ok"
+    assert await admit(now + 5, "e") == "concurrency_limited"
+    # b's and d's leases end unsettled: resolved (a tombstone each), no slot held.
+    later = now + 4 + LEASE_MS + 1
+    assert [await admit(later, "f"), await admit(later + 1, "g")] == ["ok", "ok"]
+    assert await admit(later + 2, "h") == "concurrency_limited"
+    assert await redis.zcard(pending_ids(names, key_id)) == 2
+    assert await ledger_usage(redis, names, key_id) == 0  # nothing was ever charged
+
+
+async def ledger_usage(redis: Redis, names: KeyNames, key_id: str) -> int:
+    return int(await redis.get(names.usage(key_id, "t")) or 0)

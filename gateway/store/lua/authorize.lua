@@ -1,11 +1,17 @@
 -- The proxy's whole decision before forwarding, atomic (docs/architecture.md; Unkey's order):
 -- the presented hash is the key's -> not disabled -> not expired -> scopes -> resource ->
--- rate limit (GCRA) -> reserve the expected cost against every spending cap. Nothing is
--- written unless every check passes; then the reservation, its ledger entry, the rate
--- state, total_uses and last_used_at are written together. Whatever the outcome, the key's
--- ledger entries whose lease ended unsettled are resolved first (resolve_expired, lib.lua).
+-- rate limit (GCRA) -> concurrency (max_in_flight) -> reserve the expected cost against
+-- every spending cap. Nothing is written unless every check passes; then the reservation,
+-- its ledger entry, the rate state, total_uses and last_used_at are written together.
+-- Whatever the outcome, the key's ledger entries whose lease ended unsettled are resolved
+-- first (resolve_expired, lib.lua).
+-- Concurrency: a key with max_in_flight admits a request only while fewer of its ledger
+-- entries are pending with their lease not ended; every request it admits gets an entry
+-- (amount 0 on a route that charges nothing), also listed in KEYS[7] by lease end, so
+-- the count is one ZCOUNT. Entries written before the limit was set are not counted.
 -- KEYS: 1 record, 2 usage prefix (kg:u:{id}:), 3 the key's rate state, 4 the route's
---       default rate state for this key, 5 the key's ledger, 6 its ledger entries
+--       default rate state for this key, 5 the key's ledger, 6 its ledger entries,
+--       7 its pending entries (optional; without it max_in_flight is not applied)
 -- ARGV: 1 presented sha256, 2 clock override ms ('' = TIME), 3 reserve (micro; '' for a
 --       route that charges nothing: caps do not apply to it),
 --       4 byok route '1'|'0', 5 needed scopes (space-separated), 6 resource: '0' the route
@@ -16,9 +22,11 @@
 --       refund
 -- Returns {status, now_ms} for not_found, else {status, now_ms, id, workspace_id, user_id,
 -- scopes_json, resources_json|false, name|false, expired entries charged, expired entries
--- refunded, ...}: for ok and rate_limited then held and the rate
--- fields: RateLimit-Policy, RateLimit, Retry-After seconds ('' alone when no rate limit
--- applies; the key's own limit is policy "key", a route's default "route"); for
+-- refunded, ...}: for ok then held, 1 when a ledger entry was written (else 0), and the
+-- rate fields: RateLimit-Policy, RateLimit, Retry-After seconds ('' alone when no rate
+-- limit applies; the key's own limit is policy "key", a route's default "route"); for
+-- rate_limited 0 then the rate fields; for concurrency_limited max_in_flight, the entries
+-- in flight, then the rate fields (the state without this request); for
 -- spend_limited then cap name, amount, period, counted spend, resets_at_ms (0: never),
 -- then the rate fields (the state without this request); for forbidden_scope and
 -- forbidden_resource the rate fields alone.
@@ -26,14 +34,16 @@ local now_us = clock_us(ARGV[2])
 local now = math.floor(now_us / 1000)
 local f = redis.call('HMGET', KEYS[1], 'hash', 'grace_hash', 'grace_until', 'disabled',
   'expires_at', 'id', 'workspace_id', 'user_id', 'scopes', 'resources', 'rate_limit',
-  'last_used_at', 'name', unpack(CAP_FIELDS))
+  'last_used_at', 'name', 'max_in_flight', unpack(CAP_FIELDS))
 local presented = ARGV[1]
 if not f[1] then return {'not_found', now} end
 if f[1] ~= presented and not (f[2] == presented and now < tonumber(f[3] or '0')) then
   return {'not_found', now}
 end
 local charged, refunded = 0, 0
-if KEYS[5] then charged, refunded = resolve_expired(KEYS[5], KEYS[6], KEYS[2], now) end
+if KEYS[5] then
+  charged, refunded = resolve_expired(KEYS[5], KEYS[6], KEYS[2], now, KEYS[7])
+end
 local function reply(status, ...)
   return {status, now, f[6], f[7], f[8], f[9], f[10], f[13], charged, refunded, ...}
 end
@@ -106,17 +116,27 @@ end
 
 if requests and now_us < allow_at then return reply('rate_limited', 0, idle()) end
 
+-- Concurrency: the key's pending entries whose lease has not ended (those that ended were
+-- resolved above, or are resolved by a later call; either way they hold no slot).
+local max_in_flight = KEYS[7] and tonumber(f[14] or '')
+if max_in_flight then
+  local held = redis.call('ZCOUNT', KEYS[7], '(' .. now, '+inf')
+  if held >= max_in_flight then
+    return reply('concurrency_limited', max_in_flight, held, idle())
+  end
+end
+
 -- Spending caps: every cap must have room for the reservation, and a cap already used up
 -- refuses even a request that reserves nothing, unless its route charges nothing at all.
 local reserve = tonumber(ARGV[3]) or 0
 local byok = ARGV[4] == '1'
-local with_byok = f[16] == '1'
+local with_byok = f[17] == '1'
 local b = nil
-if ARGV[3] ~= '' and (f[14] or f[17]) and (not byok or with_byok) then
+if ARGV[3] ~= '' and (f[15] or f[18]) and (not byok or with_byok) then
   b = buckets_at(now, ARGV, 10)
-  local base = f[18] and cjson.decode(f[18]) or {} -- [bucket, micro] per cap (update.lua)
+  local base = f[19] and cjson.decode(f[19]) or {} -- [bucket, micro] per cap (update.lua)
   local blocking = nil
-  for i, cap in ipairs(caps_of(f[14], f[15], f[17])) do
+  for i, cap in ipairs(caps_of(f[15], f[16], f[18])) do
     local used = counted(KEYS[2], cap, b, with_byok, base[i])
     if used >= cap[2] or used + reserve > cap[2] then
       local at = resets_at(cap, b)
@@ -140,15 +160,18 @@ if new_tat then
 end
 if reserve > 0 then add_usage(KEYS[2], b or buckets_at(now, ARGV, 10), byok, reserve) end
 local entry = ARGV[17]
-if entry and entry ~= '' and ARGV[3] ~= '' then
+local written = 0
+if entry and entry ~= '' and (ARGV[3] ~= '' or max_in_flight) then
   local lease_end = now + tonumber(ARGV[18])
   redis.call('ZADD', KEYS[5], lease_end, entry)
   redis.call('HSET', KEYS[6], entry, string.format('p:%d:%d:%s:%s:%d', reserve, now,
     byok and '1' or '0', ARGV[19], lease_end))
+  if max_in_flight then redis.call('ZADD', KEYS[7], lease_end, entry) end
+  written = 1
 end
 redis.call('HINCRBY', KEYS[1], 'total_uses', 1)
 -- last_used_at to the second: a busy key's record is not rewritten on every request.
 if not f[12] or now - tonumber(f[12]) >= 1000 or now < tonumber(f[12]) then
   redis.call('HSET', KEYS[1], 'last_used_at', now)
 end
-return reply('ok', reserve, unpack(rate))
+return reply('ok', reserve, written, unpack(rate))

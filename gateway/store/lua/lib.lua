@@ -128,14 +128,17 @@ end
 --       settled yet; at its lease end it is charged (c) or refunded (r)
 --   'c:<amount>:<authorized ms>:<byok>' or 'r:...'  resolved at its lease end, unsettled; a
 --       late settlement still makes its charge the actual cost, once
--- A resolved entry is kept LEDGER_KEEP after its resolution, then forgotten.
+-- A resolved entry is kept LEDGER_KEEP after its resolution, then forgotten. A key with
+-- max_in_flight also lists its pending ids in a second sorted set, by lease end (authorize
+-- counts them there); an id leaves it when its entry is settled or resolved.
 local LEDGER_KEEP = DAY
 local RESOLVE_PER_CALL = 100 -- bounds one script's work; the next call resolves the rest
 
 -- Resolve the entries of a key whose lease ended unsettled (their process died, or their
 -- settlement never got through), and forget resolved ones kept long enough.
--- Returns how many were charged and how many refunded.
-local function resolve_expired(ledger, entries, usage, now)
+-- ``pending``: the key's sorted set of pending ids, or nil. Returns how many were charged
+-- and how many refunded.
+local function resolve_expired(ledger, entries, usage, now, pending)
   local due = redis.call('ZRANGEBYSCORE', ledger, '-inf', now, 'LIMIT', 0, RESOLVE_PER_CALL)
   if #due == 0 then return 0, 0 end
   local charged, refunded = 0, 0
@@ -160,5 +163,6 @@ local function resolve_expired(ledger, entries, usage, now)
       redis.call('ZREM', ledger, id)
     end
   end
+  if pending then redis.call('ZREM', pending, unpack(due)) end
   return charged, refunded
 end

@@ -6,14 +6,15 @@
 -- entry is gone after, so a settlement applied twice changes nothing. Deltas go to the
 -- buckets of the instant the request was authorized, so a request that straddles midnight
 -- is charged to one day only. The key's expired entries are resolved first.
--- KEYS: 1 record, 2 usage prefix (kg:u:{id}:), 3 the key's ledger, 4 its ledger entries
+-- KEYS: 1 record, 2 usage prefix (kg:u:{id}:), 3 the key's ledger, 4 its ledger entries,
+--       5 its pending ids (max_in_flight's count; optional)
 -- ARGV: 1 clock override ms ('' = TIME), then pairs: request id, actual cost (micro)
 -- Returns {settled, settled after their lease was resolved, already settled, expired
 -- entries charged, expired entries refunded}; all 0 when the key was revoked meanwhile
 -- (nothing is written for it then).
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, 0, 0, 0} end
 local now = math.floor(clock_us(ARGV[1]) / 1000)
-local charged, refunded = resolve_expired(KEYS[3], KEYS[4], KEYS[2], now)
+local charged, refunded = resolve_expired(KEYS[3], KEYS[4], KEYS[2], now, KEYS[5])
 local settled, late, already = 0, 0, 0
 -- Deltas summed per UTC day and BYOK flag, then written once each: exact (integers), and
 -- the same buckets, since every instant of one day falls in the same day, week and month.
@@ -47,5 +48,6 @@ end
 if #gone > 0 then
   redis.call('HDEL', KEYS[4], unpack(gone))
   redis.call('ZREM', KEYS[3], unpack(gone))
+  if KEYS[5] then redis.call('ZREM', KEYS[5], unpack(gone)) end
 end
 return {settled, late, already, charged, refunded}
