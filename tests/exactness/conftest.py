@@ -54,11 +54,11 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"cost upstream exited {process.returncode}")
+            raise AssertionError(f"upstream exited {process.returncode}")
         with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 0.2):
             return
         time.sleep(0.02)
-    raise AssertionError(f"cost upstream not listening on {port} within {timeout}s")
+    raise AssertionError(f"upstream not listening on {port} within {timeout}s")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -71,13 +71,14 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     process.wait(5)
 
 
-@pytest.fixture
-def cost_upstream(tmp_path: Path) -> Iterator[str]:
-    """tests/costs.py in its own process on a free loopback port; yields its base URL."""
+@contextlib.contextmanager
+def module_upstream(module: str, errors: Path) -> Iterator[str]:
+    """``python -m module PORT`` in its own process on a free loopback port, its stderr in
+    ``errors``; yields its base URL once it listens, and stops it after."""
     port = free_port()
-    with (tmp_path / "costs.err").open("wb") as err:
+    with errors.open("wb") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "tests.costs", str(port)],
+            [sys.executable, "-m", module, str(port)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=err,
@@ -89,6 +90,13 @@ def cost_upstream(tmp_path: Path) -> Iterator[str]:
         yield f"http://{LOOPBACK}:{port}"
     finally:
         _stop(process)
+
+
+@pytest.fixture
+def cost_upstream(tmp_path: Path) -> Iterator[str]:
+    """tests/costs.py in its own process on a free loopback port; yields its base URL."""
+    with module_upstream("tests.costs", tmp_path / "costs.err") as url:
+        yield url
 
 
 # --- two gateways ----------------------------------------------------------------------------

@@ -10,10 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +19,8 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import MakeKey, bearer
-from tests.exactness.conftest import LOOPBACK, REPO, gateway_config
-from tests.procs import Serve, clean_env, free_port, write_config
+from tests.exactness.conftest import gateway_config, module_upstream
+from tests.procs import Serve, write_config
 
 LIMIT = 5
 REQUESTS = 30
@@ -34,31 +30,8 @@ LEASE = 2.0  # seconds: the lease of the killed replica's requests
 @pytest.fixture
 def gated_upstream(tmp_path: Path) -> Iterator[str]:
     """tests/exactness/gated.py in its own process; yields its base URL."""
-    port = free_port()
-    with (tmp_path / "gated.err").open("wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.exactness.gated", str(port)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            cwd=REPO,
-            env=clean_env(),
-        )
-    try:
-        for _ in range(500):  # a safety bound, not a timing assertion
-            if process.poll() is not None:
-                raise AssertionError(f"gated upstream exited {process.returncode}")
-            with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 0.2):
-                break
-            time.sleep(0.02)
-        yield f"http://{LOOPBACK}:{port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+    with module_upstream("tests.exactness.gated", tmp_path / "gated.err") as url:
+        yield url
 
 
 def _config(redis_url: str, key_prefix: str, upstream: str, lease: float = LEASE) -> dict[str, Any]:
