@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.config.model import Settings
 
@@ -49,7 +50,7 @@ class ReloadResult:
         }
 
 
-# Options kept at their running values by a reload, as (option, getter).
+# Options kept at their running values by a reload (dotted: a field of a section).
 _RESTART_ONLY = (
     "listen",
     "admin_listen",
@@ -81,24 +82,13 @@ def restart_needed(running: Settings, read: Settings) -> list[str]:
 def reloaded(running: Settings, read: Settings) -> Settings:
     """The settings a reload switches to: ``read``, with every restart-only option kept at
     its ``running`` value (a reload never half-applies a socket or a Redis change)."""
-    return dataclasses.replace(
-        read,
-        listen=running.listen,
-        admin_listen=running.admin_listen,
-        workers=running.workers,
-        redis=running.redis,
-        keys=dataclasses.replace(
-            read.keys,
-            secret_prefix=running.keys.secret_prefix,
-            hash_cache_size=running.keys.hash_cache_size,
-        ),
-        client=running.client,
-        admin=running.admin,
-        metrics=dataclasses.replace(
-            read.metrics,
-            listen=running.metrics.listen,
-            per_key=running.metrics.per_key,
-            per_key_max=running.metrics.per_key_max,
-        ),
-        log=running.log,
-    )
+    for option in _RESTART_ONLY:
+        read = _with(read, option.split("."), _get(running, option))
+    return read
+
+
+def _with(settings: Any, path: list[str], value: object) -> Any:
+    """``settings`` (a frozen dataclass) with the option at ``path`` set to ``value``."""
+    head, *rest = path
+    inner = value if not rest else _with(getattr(settings, head), rest, value)
+    return dataclasses.replace(settings, **{head: inner})

@@ -23,7 +23,6 @@ from gateway.policies.ratelimit import RateState
 from gateway.proxy.context import KeyIdentity
 from gateway.store.clock import ClockOverride, server_clock
 from gateway.store.cluster_multiplex import Multiplexer
-from gateway.store.keystore import pending_ids
 from gateway.store.multiplex import LuaScript, reply_text
 from gateway.store.names import KeyNames
 from gateway.store.scripts import script_source
@@ -67,7 +66,6 @@ class Decision:
     # The request's ledger entry ("": none, the route charges nothing and the key has no
     # max_in_flight).
     entry: str = ""
-    lease_end_ms: int = 0  # when the entry is resolved if it is still unsettled
     max_in_flight: int = 0  # concurrency_limited: the key's limit
 
 
@@ -224,7 +222,7 @@ class KeyAuthorizer:
             names.usage(key_id, ""),
             names.ledger(key_id),
             names.ledger_entries(key_id),
-            pending_ids(names, key_id),
+            names.pending_ids(key_id),
         )
         entry = args[ENTRY_ARG]
         sent_at = time.perf_counter()
@@ -244,10 +242,9 @@ class KeyAuthorizer:
         key = _identity(*reply[2:8])
         now = int(reply[1])
         if status == "ok":
-            lease_end = now + int(policy.lease_ms)
             rate = _rate_state(reply, WRITTEN + 1)
             held, written = int(reply[HELD]), entry if int(reply[WRITTEN]) else ""
-            return Decision(status, key, now, held, rate, None, keys, written, lease_end)
+            return Decision(status, key, now, held, rate, None, keys, written)
         if status == "rate_limited":
             return Decision(status, key, now, 0, _rate_state(reply, HELD + 1))
         if status == "concurrency_limited":

@@ -81,8 +81,11 @@ class _Call:
     deadline: float  # time.time() after which a failed call is given up
     sent_at: float | None = None  # perf_counter when first sent (None: a retry's)
 
+    def args(self, clock: str) -> tuple[Any, ...]:
+        return (clock, *self.pairs)
+
     def command(self, clock: str) -> tuple[Any, ...]:
-        return ("EVALSHA", SETTLE.sha, len(self.keys), *self.keys, clock, *self.pairs)
+        return ("EVALSHA", SETTLE.sha, len(self.keys), *self.keys, *self.args(clock))
 
 
 class Settlements:
@@ -105,8 +108,8 @@ class Settlements:
         micro-units."""
         charged = charge(ctx, decision, meter)
         if decision.entry:
-            lease_ms = decision.lease_end_ms - decision.now_ms
-            self._add(decision.settle_keys, decision.entry, charged, lease_ms)
+            assert ctx.policy is not None  # charge() asserts it too
+            self._add(decision.settle_keys, decision.entry, charged, int(ctx.policy.lease_ms))
         return charged
 
     def release(self, reply: list[Any], keys: SettleKeys, entry: str, policy: RoutePolicy) -> None:
@@ -189,9 +192,7 @@ class Settlements:
                 await asyncio.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)])
             try:
                 await redis.connect()
-                command = call.command(self.authorizer.clock())
-                keys_end = 3 + len(call.keys)
-                result = await redis.evalsha(SETTLE, command[3:keys_end], command[keys_end:])
+                result = await redis.evalsha(SETTLE, call.keys, call.args(self.authorizer.clock()))
             except STORE_ERRORS as exc:
                 error = exc
                 continue

@@ -23,13 +23,6 @@ from gateway.store.report import UsageReport
 from gateway.store.scripts import Scripts
 from gateway.store.slots import id_in_slot, key_slot, secret_in_slot
 
-
-def pending_ids(names: KeyNames, key_id: str) -> str:
-    """Sorted set: the pending ledger entries' ids of a key with max_in_flight, scored by
-    their lease end (authorize.lua counts its requests in flight there). Beside the ledger's
-    own names, with the key's hash tag."""
-    return f"{names.prefix}lp:{{{key_id}}}"
-
 AuthStatus = Literal["ok", "not_found", "disabled", "expired"]
 _MEMBER = re.compile(r"^\d{15}:[0-9a-f-]{36}$")
 # The stored fields whose change re-bases the spending caps (update.lua).
@@ -362,7 +355,7 @@ class KeyStore:
                     names.usage(key_id, "bt"),
                     names.ledger(key_id),
                     names.ledger_entries(key_id),
-                    pending_ids(names, key_id),
+                    names.pending_ids(key_id),
                 ],
                 args=[record.hash],
             )

@@ -38,6 +38,11 @@ class KeyNames:
         """Hash: request id -> its ledger entry (lua/lib.lua says the formats)."""
         return f"{self.prefix}le:{{{key_id}}}"
 
+    def pending_ids(self, key_id: str) -> str:
+        """Sorted set: the pending ledger entries' ids of a key with max_in_flight, scored
+        by their lease end (authorize.lua counts the key's requests in flight there)."""
+        return f"{self.prefix}lp:{{{key_id}}}"
+
     def workspace_index(self, workspace_id: str) -> str:
         """Sorted set: the workspace's keys, ordered for listing."""
         return f"{self.prefix}ws:{workspace_id}"

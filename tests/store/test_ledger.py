@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway.store.keystore import pending_ids
 from gateway.store.names import KeyNames
 from gateway.store.scripts import script_source
 from tests.conftest import MakeKey
@@ -123,7 +122,7 @@ async def test_max_in_flight_counts_pending_entries_with_their_lease_running(
     authorize = redis.register_script(script_source("authorize"))
     settle = redis.register_script(script_source("settle"))
     rate = names.rate(key_id)
-    ledger_keys = [names.ledger(key_id), names.ledger_entries(key_id), pending_ids(names, key_id)]
+    ledger_keys = [names.ledger(key_id), names.ledger_entries(key_id), names.pending_ids(key_id)]
     keys = [names.record(key_id), names.usage(key_id, ""), rate, f"{rate}:r", *ledger_keys]
     settle_keys = [names.record(key_id), names.usage(key_id, ""), *ledger_keys]
 
@@ -145,7 +144,7 @@ async def test_max_in_flight_counts_pending_entries_with_their_lease_running(
     later = now + 4 + LEASE_MS + 1
     assert [await admit(later, "f"), await admit(later + 1, "g")] == ["ok", "ok"]
     assert await admit(later + 2, "h") == "concurrency_limited"
-    assert await redis.zcard(pending_ids(names, key_id)) == 2
+    assert await redis.zcard(names.pending_ids(key_id)) == 2
     assert await ledger_usage(redis, names, key_id) == 0  # nothing was ever charged
 
 

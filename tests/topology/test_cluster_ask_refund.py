@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from gateway.store.keystore import KeyStore, pending_ids
+from gateway.store.keystore import KeyStore
 from gateway.store.slots import key_slot
 from tests.conftest import MakeKey, bearer
 from tests.proxy.conftest import Gateway
@@ -62,7 +62,7 @@ async def test_an_authorization_abandoned_on_an_ask_redirection_is_refunded(
     await redis.zadd(names.ledger(key_id), {"placeholder": 2**52})
     await redis.hset(names.ledger_entries(key_id), "placeholder", "")
     # And its pending ids (max_in_flight's count; this key has no limit, so none is held).
-    await redis.zadd(pending_ids(names, key_id), {"placeholder": 2**52})
+    await redis.zadd(names.pending_ids(key_id), {"placeholder": 2**52})
 
     slot = key_slot(names.record(key_id))
     home = cluster.owner_of_slot(slot)
