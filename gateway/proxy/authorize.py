@@ -33,9 +33,9 @@ AUTHORIZE = LuaScript.from_source(script_source("authorize"))
 SETTLE = LuaScript.from_source(script_source("settle"))
 REPORT = LuaScript.from_source(script_source("report"))
 ENTRY_ARG = 16  # where the authorize arguments hold the ledger entry's id (ARGV[17])
-EXPIRED = 8  # where every reply but not_found holds the expired entries charged, refunded
-HELD = 10  # where an "ok" reply holds the reservation (see authorize.lua)
-WRITTEN = 11  # where an "ok" reply says whether a ledger entry was written (1) or not (0)
+EXPIRED = 9  # where every reply but not_found holds the expired entries charged, refunded
+HELD = 11  # where an "ok" reply holds the reservation (see authorize.lua)
+WRITTEN = 12  # where an "ok" reply says whether a ledger entry was written (1) or not (0)
 # A settlement's target: the record, usage prefix, ledger, ledger entries and pending ids
 # of its key.
 SettleKeys = tuple[str, str, str, str, str]
@@ -102,7 +102,13 @@ class HashCache:
 
 @functools.lru_cache(maxsize=4096)
 def _identity(
-    key_id: Any, workspace_id: Any, user_id: Any, scopes: Any, resources: Any, name: Any
+    key_id: Any,
+    workspace_id: Any,
+    user_id: Any,
+    scopes: Any,
+    resources: Any,
+    name: Any,
+    workspace_capped: Any,
 ) -> KeyIdentity:
     """The identity in an authorize reply. A key's replies repeat request after request, so
     the JSON is parsed and the object built once per distinct reply (it is immutable)."""
@@ -115,6 +121,7 @@ def _identity(
         resources=None if resources is None else tuple(json.loads(resources)),
         scopes_header=" ".join(scope_list),
         name=None if name is None else reply_text(name),
+        workspace_capped=bool(int(workspace_capped)),
     )
 
 
@@ -239,7 +246,7 @@ class KeyAuthorizer:
             return NOT_FOUND
         if reply[EXPIRED] or reply[EXPIRED + 1]:
             self.expired(int(reply[EXPIRED]), int(reply[EXPIRED + 1]))
-        key = _identity(*reply[2:8])
+        key = _identity(*reply[2:9])
         now = int(reply[1])
         if status == "ok":
             rate = _rate_state(reply, WRITTEN + 1)

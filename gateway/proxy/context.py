@@ -27,6 +27,9 @@ class KeyIdentity:
     resources: tuple[str, ...] | None
     scopes_header: str  # X-Keygate-Scopes, space-separated, built once per distinct value
     name: str | None = None  # for per-key metrics
+    # The key's workspace has a budget (the record's workspace_capped flag): the proxy
+    # reserves against the workspace's caps too, in a second script on its slot.
+    workspace_capped: bool = False
 
 
 @dataclass(slots=True)

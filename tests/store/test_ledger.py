@@ -87,7 +87,7 @@ async def test_a_settlement_after_its_lease_was_resolved_lands_once(
     # The lease ends unsettled: the next script on the key resolves the entry.
     after = now + LEASE_MS + 1
     reply = await ledger.authorize(after, "req-2")
-    assert [int(reply[8]), int(reply[9])] == ([1, 0] if rule == "c" else [0, 1])
+    assert [int(reply[9]), int(reply[10])] == ([1, 0] if rule == "c" else [0, 1])
     assert await ledger.usage() == resolved + RESERVE
     # req-1's settlement arrives late: its charge becomes its actual cost, once.
     late = [0, 1, 0, 0, 0]
@@ -131,7 +131,7 @@ async def test_max_in_flight_counts_pending_entries_with_their_lease_running(
         reply = await authorize(keys=keys, args=[*args, entry, LEASE_MS, "c"])
         status = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
         if status == "ok":
-            assert int(reply[11]) == 1  # an entry was written, amount 0
+            assert int(reply[12]) == 1  # an entry was written, amount 0
         return str(status)
 
     now = await _now(redis)

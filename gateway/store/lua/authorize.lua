@@ -21,7 +21,8 @@
 --       authorization; '' for none), 18 its lease (ms), 19 at its lease end 'c' charge | 'r'
 --       refund
 -- Returns {status, now_ms} for not_found, else {status, now_ms, id, workspace_id, user_id,
--- scopes_json, resources_json|false, name|false, expired entries charged, expired entries
+-- scopes_json, resources_json|false, name|false, workspace capped 1|0 (its workspace has
+-- a budget: the proxy reserves there next), expired entries charged, expired entries
 -- refunded, ...}: for ok then held, 1 when a ledger entry was written (else 0), and the
 -- rate fields: RateLimit-Policy, RateLimit, Retry-After seconds ('' alone when no rate
 -- limit applies; the key's own limit is policy "key", a route's default "route"); for
@@ -34,7 +35,7 @@ local now_us = clock_us(ARGV[2])
 local now = math.floor(now_us / 1000)
 local f = redis.call('HMGET', KEYS[1], 'hash', 'grace_hash', 'grace_until', 'disabled',
   'expires_at', 'id', 'workspace_id', 'user_id', 'scopes', 'resources', 'rate_limit',
-  'last_used_at', 'name', 'max_in_flight', unpack(CAP_FIELDS))
+  'last_used_at', 'name', 'max_in_flight', 'workspace_capped', unpack(CAP_FIELDS))
 local presented = ARGV[1]
 if not f[1] then return {'not_found', now} end
 if f[1] ~= presented and not (f[2] == presented and now < tonumber(f[3] or '0')) then
@@ -45,7 +46,8 @@ if KEYS[5] then
   charged, refunded = resolve_expired(KEYS[5], KEYS[6], KEYS[2], now, KEYS[7])
 end
 local function reply(status, ...)
-  return {status, now, f[6], f[7], f[8], f[9], f[10], f[13], charged, refunded, ...}
+  return {status, now, f[6], f[7], f[8], f[9], f[10], f[13], f[15] == '1' and 1 or 0,
+    charged, refunded, ...}
 end
 if f[4] == '1' then return reply('disabled') end
 if f[5] and now >= tonumber(f[5]) then return reply('expired') end
@@ -130,13 +132,13 @@ end
 -- refuses even a request that reserves nothing, unless its route charges nothing at all.
 local reserve = tonumber(ARGV[3]) or 0
 local byok = ARGV[4] == '1'
-local with_byok = f[17] == '1'
+local with_byok = f[18] == '1'
 local b = nil
-if ARGV[3] ~= '' and (f[15] or f[18]) and (not byok or with_byok) then
+if ARGV[3] ~= '' and (f[16] or f[19]) and (not byok or with_byok) then
   b = buckets_at(now, ARGV, 10)
-  local base = f[19] and cjson.decode(f[19]) or {} -- [bucket, micro] per cap (update.lua)
+  local base = f[20] and cjson.decode(f[20]) or {} -- [bucket, micro] per cap (update.lua)
   local blocking = nil
-  for i, cap in ipairs(caps_of(f[15], f[16], f[18])) do
+  for i, cap in ipairs(caps_of(f[16], f[17], f[19])) do
     local used = counted(KEYS[2], cap, b, with_byok, base[i])
     if used >= cap[2] or used + reserve > cap[2] then
       local at = resets_at(cap, b)
