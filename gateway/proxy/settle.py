@@ -112,11 +112,20 @@ class Settlements:
             self._add(decision.settle_keys, decision.entry, charged, int(ctx.policy.lease_ms))
         return charged
 
-    def release(self, reply: list[Any], keys: SettleKeys, entry: str, policy: RoutePolicy) -> None:
+    def release(
+        self, reply: list[Any] | None, keys: SettleKeys, entry: str, policy: RoutePolicy
+    ) -> None:
         """Settle at 0 what an authorization reserved for a request that was gone before it
         could be forwarded (its client left while the script ran), and free its slot of
         max_in_flight. ``reply`` is the authorize script's, as the multiplexer gives it
-        (text as str or bytes); it says whether the entry was written."""
+        (text as str or bytes); it says whether the entry was written. None: the script was
+        sent and its reply lost with the connection, so it may have run: the entry is
+        settled at 0 all the same (a no-op if it was never written), since its request was
+        refused (503) or let through uncharged (fail_open)."""
+        if reply is None:
+            if entry:
+                self._add(keys, entry, 0, int(policy.lease_ms))
+            return
         if entry and reply_text(reply[0]) == "ok" and int(reply[WRITTEN]):
             if int(reply[EXPIRED]) or int(reply[EXPIRED + 1]):  # expired entries it resolved
                 self._expired(int(reply[EXPIRED]), int(reply[EXPIRED + 1]))

@@ -506,6 +506,10 @@ class RedisMultiplexer:
         """``evalsha``, for a script whose effects must not be lost with its caller: if the
         caller is cancelled after the script was sent, ``when_cancelled`` gets the reply
         when it arrives (not an error reply; nothing when the connection fails first).
+        When the script was sent and its connection failed before the reply (lost, or no
+        reply within socket_timeout), the script may have run: ``when_cancelled`` gets None
+        (its effects are unknown; the caller undoes them idempotently), then the error is
+        raised as usual.
 
         ``asking``: after a Cluster's ASK redirection; the script goes as EVAL (the node
         importing the slot may not have it cached), preceded by ASKING on the same
@@ -520,10 +524,15 @@ class RedisMultiplexer:
             if asking:
                 connection.send(_ASKING).add_done_callback(_consume)
             future = connection.send(_pack((*head, *tail)))
+            sent = not future.done()  # done already: the connection was closed, not sent
             try:
                 return await future
             except NoScriptError:
                 continue  # not run: the server lost its script cache; EVAL loads it
+            except (RedisConnectionError, RedisTimeoutError):
+                if sent:
+                    when_cancelled(None)
+                raise
             except asyncio.CancelledError:
                 if future.cancelled():
                     self._late[future] = lambda reply: (

@@ -1,0 +1,135 @@
+"""A Redis reply lost after the script ran: the authorize script reserved and wrote its
+ledger entry, then the connection dropped before its reply reached keygate. The client gets
+503 (or, fail_open, an uncharged pass), so the reservation must not stay charged until its
+lease ends (on_expiry: charge would then bill a request that was refused): the proxy
+settles the entry at 0, which is a no-op if the script never ran.
+
+The misbehaving peer is a TCP relay between keygate and Redis that, once armed, closes both
+sides instead of relaying the next reply."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+
+from gateway.store.names import KeyNames
+from tests.conftest import MakeKey, bearer
+from tests.proxy.conftest import LOOPBACK, Gateway
+
+pytestmark = pytest.mark.single_server  # the relay stands for one server
+
+
+class ReplyCutter:
+    """Relays a Redis connection byte for byte; ``arm()`` makes it drop the next reply
+    (the bytes the server sends next) and close the client's connection instead."""
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        self.unix_path = parts.path if parts.scheme == "unix" else None  # the embedded server
+        self.host, self.port = parts.hostname or LOOPBACK, parts.port or 6379
+        self.armed = False
+        self.cut = 0  # replies dropped
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._relay, LOOPBACK, 0)
+        return f"redis://{LOOPBACK}:{self._server.sockets[0].getsockname()[1]}"
+
+    def arm(self) -> None:
+        self.armed = True
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self.unix_path is not None:
+            server_r, server_w = await asyncio.open_unix_connection(self.unix_path)
+        else:
+            server_r, server_w = await asyncio.open_connection(self.host, self.port)
+        self._writers += (client_w, server_w)
+
+        async def upstream() -> None:
+            while data := await client_r.read(65536):
+                server_w.write(data)
+                await server_w.drain()
+
+        async def downstream() -> None:
+            while data := await server_r.read(65536):
+                if self.armed:
+                    self.armed = False
+                    self.cut += 1
+                    return  # the reply is dropped; both sides are closed below
+                client_w.write(data)
+                await client_w.drain()
+
+        tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        for writer in (client_w, server_w):
+            writer.close()
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+async def cutter(redis_url: str) -> AsyncIterator[ReplyCutter]:
+    relay = ReplyCutter(redis_url)
+    yield relay
+    await relay.close()
+
+
+async def _settled(redis: object, entries: str) -> int:
+    """Entries left in the key's ledger once settlements had time to land (polled)."""
+    left = 0
+    for _ in range(100):
+        left = int(await redis.hlen(entries))  # type: ignore[attr-defined]
+        if not left:
+            break
+        await asyncio.sleep(0.05)
+    return left
+
+
+@pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
+async def test_a_reservation_whose_reply_was_lost_is_released_not_charged(
+    start_cost_gateway: object,
+    cutter: ReplyCutter,
+    make_key: MakeKey,
+    http: aiohttp.ClientSession,
+    redis: object,
+    key_prefix: str,
+    on_error: str,
+) -> None:
+    url = await cutter.start()
+    gateway: Gateway = await start_cost_gateway(  # type: ignore[operator]
+        redis={"url": url, "on_error": on_error}
+    )
+    issued = await make_key()
+    target = f"{gateway.url}/c/fixed"
+    async with http.get(target, headers=bearer(issued.secret)) as first:
+        assert first.status == 200  # warm: the key's hash is cached, the script loaded
+    await gateway.proxy.settlements.drain()
+    names = KeyNames(key_prefix)
+    total = names.usage(issued.record.id, "t")
+    assert int(await redis.get(total)) == 250_000  # type: ignore[attr-defined]
+
+    cutter.arm()
+    async with http.get(target, headers=bearer(issued.secret)) as second:
+        await second.read()
+        # fail_closed: 503; fail_open: through, uncharged (the script's fate is unknown)
+        assert second.status == (503 if on_error == "fail_closed" else 200)
+    assert cutter.cut == 1
+    await gateway.proxy.settlements.drain()
+
+    # The script ran (it reserved 0.25 and wrote an entry); its release landed after.
+    assert await _settled(redis, names.ledger_entries(issued.record.id)) == 0
+    assert int(await redis.get(total)) == 250_000  # type: ignore[attr-defined]
