@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import Outcome, invalid, problem
+from gateway.policies import allowance
 from gateway.store import input as key_input
 from gateway.store.keystore import BadCursor, Issued, KeyExists, KeyStore
 from gateway.store.record import KeyRecord, from_micro
@@ -74,6 +75,7 @@ async def _create(request: web.Request, mode: key_input.Mode) -> web.Response:
     values.setdefault("user_id", caller.record.user_id)
     caller.require_workspace(values["workspace_id"])
     caller.require_grantable(values.get("scopes", ()))
+    values.update(await _within_allowance(request, caller, values))
     secret, sha256 = values.pop("key", None), values.pop("sha256", None)
     try:
         issued: Issued = await request.app[STORE].create(values, secret=secret, sha256=sha256)
@@ -177,27 +179,68 @@ async def get_usage(request: web.Request) -> web.Response:
     return web.json_response(found.to_json())
 
 
-async def _manageable(request: web.Request, caller: Caller) -> str:
-    """The path's key id, if the caller sees that key and holds every scope it has.
+async def _within_allowance(
+    request: web.Request, caller: Caller, values: dict[str, Any], held: KeyRecord | None = None
+) -> dict[str, Any]:
+    """The cap fields to write for a key the caller creates (``held`` None) or edits
+    (``held``): ``values``' own, checked against the caller's remaining allowance, plus
+    those it inherits (gateway/policies/allowance.py). Raises Denied for a looser cap.
+
+    403, not 400: the request is valid, and a caller with more allowance left (or with
+    apikeys:*) would get it; like "cannot grant" for scopes, it is about what this caller
+    may hand out, so it is answered as ``require_grantable`` answers.
+    """
+    if allowance.exempt(caller.scopes):  # org:admin included (Caller.scopes adds apikeys:*)
+        return {}
+    room = await allowance.of_creator(request.app[STORE], caller.record)
+    if room is None:  # revoked since it was authenticated
+        raise Denied(problem(Outcome.INVALID_KEY, "the API key is not valid"))
+    found = allowance.bound(room, values, held)
+    if isinstance(found, dict):
+        return found
+    raise Denied(
+        problem(
+            Outcome.FORBIDDEN,
+            found[0].detail,
+            errors=[{"field": r.field, "detail": r.detail} for r in found],
+            extra={
+                "allowance": {
+                    period: from_micro(micro) for period, micro in room.remaining_micro.items()
+                }
+            },
+        )
+    )
+
+
+async def _managed(request: web.Request, caller: Caller) -> KeyRecord:
+    """The path's key, if the caller sees that key and holds every scope it has.
 
     Without the second rule a key with ``apikeys:update`` could rotate an admin key of its
     workspace and receive that key's new secret.
     """
-    key_id = _key_id(request)
-    target = await request.app[STORE].get(key_id, caller.visible_workspace)
+    target = await request.app[STORE].get(_key_id(request), caller.visible_workspace)
     if target is None:
         raise Denied(_not_found())
     caller.require_grantable(target.scopes)
-    return key_id
+    return target
+
+
+async def _manageable(request: web.Request, caller: Caller) -> str:
+    """The path's key id, under ``_managed``'s rules."""
+    return (await _managed(request, caller)).id
 
 
 async def update_key(request: web.Request) -> web.Response:
     caller = await authorize(request, "apikeys:update")
     values = _parse(await read_object(request), "update")
-    key_id = await _manageable(request, caller)
+    target = await _managed(request, caller)
     if values.get("scopes"):
         caller.require_grantable(values["scopes"])
-    record = await request.app[STORE].update(key_id, values, caller.visible_workspace)
+    if allowance.CAP_FIELDS.intersection(values):
+        # The caller is the creator here: raising a key's cap (its own included) is
+        # minting new allowance, held to the same bound as creating the key.
+        values.update(await _within_allowance(request, caller, values, target))
+    record = await request.app[STORE].update(target.id, values, caller.visible_workspace)
     if record is None:
         return _not_found()
     return web.json_response(await _render(request, record, caller))

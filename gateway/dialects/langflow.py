@@ -25,6 +25,7 @@ from aiohttp import web
 from gateway.bodies import NotJson, parse_json, read_capped
 from gateway.dialects.base import VIEW, Call, DialectSpec, Endpoint, json_response
 from gateway.dialects.listing import all_keys
+from gateway.policies import allowance
 from gateway.policies.scopes import ORG_ADMIN, grants, is_privileged
 from gateway.store.input import MAX_NAME
 from gateway.store.record import KeyRecord, rfc3339
@@ -80,7 +81,7 @@ def minted_scopes(held: tuple[str, ...]) -> tuple[str, ...]:
 def minted_values(caller: KeyRecord, name: str | None) -> dict[str, Any]:
     """A new key of the caller's user, never looser than the caller: the same workspace,
     resources, expiry, spending limits, rate limit and max_in_flight (None values are left
-    unset)."""
+    unset). ``create_key`` then bounds the caps by what the caller has left."""
     return {
         "name": name,
         "user_id": caller.user_id,
@@ -98,6 +99,23 @@ def minted_values(caller: KeyRecord, name: str | None) -> dict[str, Any]:
         "max_in_flight": caller.max_in_flight,
         "metadata": {"created_via": "langflow", "created_by_key": caller.id},
     }
+
+
+async def _bounded(call: Call, values: dict[str, Any]) -> dict[str, Any] | web.Response:
+    """``values`` with caps within the caller's remaining allowance (docs/dialects.md):
+    Langflow's body asks for no caps, so the key gets, instead of the caller's caps whole,
+    what the caller has left in each period it caps. An exempt caller (``apikeys:*``)
+    hands on its own caps as they are."""
+    room = await allowance.of_creator(call.store, call.caller)
+    if room is None:  # revoked since it was authenticated
+        return error(401, "invalid_key", "Invalid or missing API key")
+    if not room.remaining_micro:
+        return values
+    found = allowance.bound(room, {})
+    if isinstance(found, list):  # not for a request without caps; answered all the same
+        return error(403, "forbidden", found[0].detail)
+    uncapped = {name: value for name, value in values.items() if name not in allowance.CAP_FIELDS}
+    return {**uncapped, **found}
 
 
 async def create_key(call: Call) -> web.Response:
@@ -125,7 +143,10 @@ async def create_key(call: Call) -> web.Response:
     if name is not None and len(name) > MAX_NAME:
         message = f"String should have at most {MAX_NAME} characters"
         return _unprocessable("string_too_long", ["body", "name"], message, name)
-    issued = await call.store.create(minted_values(call.caller, name))
+    values = await _bounded(call, minted_values(call.caller, name))
+    if isinstance(values, web.Response):
+        return values
+    issued = await call.store.create(values)
     unmasked = key_json(issued.record, call.now_ms)
     del unmasked["created_at"]  # UnmaskedApiKeyRead has none
     unmasked["api_key"] = issued.secret  # shown once, as Langflow does

@@ -27,6 +27,7 @@ from aiohttp import web
 from gateway.bodies import NotJson, parse_json, read_capped
 from gateway.dialects.base import VIEW, Call, DialectSpec, Endpoint, Handler, json_response
 from gateway.dialects.listing import window
+from gateway.policies import allowance
 from gateway.policies.scopes import grants, is_privileged
 from gateway.store import input as key_input
 from gateway.store.record import KeyRecord, from_micro, rfc3339
@@ -235,6 +236,21 @@ async def _target(call: Call, *, manage: bool) -> KeyRecord:
     return record
 
 
+async def _bounded(
+    call: Call, values: dict[str, Any], held: KeyRecord | None = None
+) -> dict[str, Any]:
+    """The cap fields to write for a key the caller creates (``held`` None) or edits: the
+    body's own, none above the caller's remaining allowance, plus what the key inherits
+    of it (docs/dialects.md). A looser ``limit`` is 403, as for a scope the caller lacks."""
+    room = await allowance.of_creator(call.store, call.caller)
+    if room is None:  # revoked since it was authenticated
+        raise Refused(401, "the API key is not valid")
+    found = allowance.bound(room, values, held)
+    if isinstance(found, list):
+        raise Refused(403, "; ".join(refusal.detail for refusal in found))
+    return found
+
+
 async def _render(call: Call, record: KeyRecord) -> dict[str, Any]:
     _, report = await call.store.report(record.id, call.caller.workspace_id)
     if report is None:
@@ -275,6 +291,7 @@ async def create_key(call: Call) -> web.Response:
     # OpenRouter's body has no concurrency field: the new key holds to its creator's.
     if call.caller.max_in_flight is not None:
         values["max_in_flight"] = call.caller.max_in_flight
+    values.update(await _bounded(call, values))
     issued = await call.store.create(values)
     return json_response(
         {"data": await _render(call, issued.record), "key": issued.secret}, status=201
@@ -291,6 +308,9 @@ async def update_key(call: Call) -> web.Response:
         raise Refused(400, "name: must be a string")
     values = _parse(body, "update", call.now_ms)
     target = await _target(call, manage=True)
+    if allowance.CAP_FIELDS.intersection(values):
+        # Raising a key's limit (the caller's own included) hands out allowance too.
+        values.update(await _bounded(call, values, target))
     record = await call.store.update(target.id, values, call.caller.workspace_id)
     if record is None:
         raise Refused(404, "no API key with this hash")
