@@ -166,3 +166,56 @@ local function resolve_expired(ledger, entries, usage, now, pending)
   if pending then redis.call('ZREM', pending, unpack(due)) end
   return charged, refunded
 end
+
+-- Settle requests of one key (settle.lua; the authorize script too, for settlements that
+-- ride along with the key's next authorization). For each (request id, actual cost) pair
+-- in args[from], args[from + 1], ...: a pending entry gets (actual - reservation); an entry
+-- resolved at its lease end gets (actual - reservation) when it was charged, the actual
+-- cost when it was refunded; an id with no entry was settled already (or its entry
+-- forgotten): nothing. Either way the entry is gone after, so a settlement applied twice
+-- changes nothing. Deltas go to the buckets of the instant the request was authorized, so
+-- a request that straddles midnight is charged to one day only; they are summed per UTC
+-- day and BYOK flag, then written once each: exact (integers), and the same buckets,
+-- since every instant of one day falls in the same day, week and month. ``hint``: the
+-- caller's day hint at args[hint] (buckets_at), or nil. ``pending``: the key's pending
+-- ids (max_in_flight's count), or nil. Returns how many were settled, settled after
+-- their lease was resolved, and already settled.
+local function apply_settlements(usage, ledger, entries, pending, args, from, hint)
+  local settled, late, already = 0, 0, 0
+  local sums, order, done, gone = {}, {}, {}, {}
+  for i = from, #args - 1, 2 do
+    local id = args[i]
+    local entry = not done[id] and redis.call('HGET', entries, id)
+    done[id] = true
+    local state, amount, at, byok
+    if entry then state, amount, at, byok = string.match(entry, '^([pcr]):(%-?%d+):(%d+):([01])') end
+    if state then
+      local delta = tonumber(args[i + 1])
+      if state == 'p' then settled = settled + 1 else late = late + 1 end
+      if state ~= 'r' then delta = delta - tonumber(amount) end
+      if delta ~= 0 then
+        at = tonumber(at)
+        local group = math.floor(at / DAY) .. byok
+        local sum = sums[group]
+        if sum then sum[3] = sum[3] + delta
+        else sums[group] = {at, byok, delta} order[#order + 1] = group end
+      end
+      gone[#gone + 1] = id
+    else
+      already = already + 1
+    end
+  end
+  for _, group in ipairs(order) do
+    local sum = sums[group]
+    if sum[3] ~= 0 then
+      local b = hint and buckets_at(sum[1], args, hint) or buckets(sum[1])
+      add_usage(usage, b, sum[2] == '1', sum[3])
+    end
+  end
+  if #gone > 0 then
+    redis.call('HDEL', entries, unpack(gone))
+    redis.call('ZREM', ledger, unpack(gone))
+    if pending then redis.call('ZREM', pending, unpack(gone)) end
+  end
+  return settled, late, already
+end
