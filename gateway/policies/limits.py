@@ -1,34 +1,47 @@
-"""What a route asks of the authorize script besides the key: the scopes a method needs,
-the cost to reserve, BYOK accounting and the default rate limit (docs/architecture.md).
+"""What a route asks of the authorize script besides the key: each policy's values for the
+route (gateway/policies/chain.py), and the ledger's lease; and what settlement needs: the
+cost meter, charge_failed, the response headers the client never sees.
 
-Built once per route at startup; the per-request work is a dict lookup.
+Built once per route at startup; the per-request work is a dict lookup and the policies'
+per-request arguments.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.config.model import RESERVATION_LEASE_MARGIN, Route, Timeouts
+from gateway.policies.chain import authorize_layout
 from gateway.policies.cost import CostMeter, meter_factory
 from gateway.policies.dropped_headers import response_skip
-from gateway.store.record import MICRO
+from gateway.policies.policy import Policy
+from gateway.policies.spend import SpendSide
 
 # A route built without the loader (which resolves every route's lease): the default
 # upstream timeout's.
 DEFAULT_LEASE_SECONDS = Timeouts().total + RESERVATION_LEASE_MARGIN
+# Methods whose script arguments every route computes at start-up.
+STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 @dataclass(frozen=True, slots=True)
 class RoutePolicy:
     name: str
-    scopes_by_method: dict[str, str]  # method or "*" -> needed scopes, space-separated
-    reserve: str  # micro-units held before forwarding; "" when the route charges nothing
-    byok: str  # "1" | "0", as the script takes it
-    rate_requests: str  # "" when the route sets no default
-    rate_period_ms: str
+    sides: tuple[Any, ...]  # each authorize policy's values for this route, in chain order
+    # Whether a policy's arguments depend on the request here (a route naming a resource):
+    # then ``by_method`` holds the arguments after the per-request ones, else all of them.
+    varies: bool
+    by_method: dict[str, tuple[str, ...]]  # the policies' script arguments, per method
+    # The policies with per-request arguments and their sides, in chain order.
+    per_request: tuple[tuple[Policy[Any], Any], ...]
+    # The spend policy's reserve and BYOK flag (gateway/policies/spend.py), for settlement
+    # and the workspace budget: micro-units held before forwarding ("" when the route
+    # charges nothing), and "1" | "0".
+    reserve: str
+    byok: str
     charge_failed: bool
-    names_resource: bool  # the route has a resource rule (checked against allow-lists)
     new_meter: Callable[[], CostMeter] | None  # a fresh cost meter per response
     response_skip: frozenset[str]  # response headers the client never sees (cost header)
     lease_ms: str = "330000"  # how long a reservation waits for its settlement
@@ -36,29 +49,52 @@ class RoutePolicy:
 
     @classmethod
     def of(cls, route: Route) -> RoutePolicy:
-        reserve = route.reserve
-        if reserve is None:  # the fixed cost is known in advance; other rules reserve 0
-            reserve = route.cost.fixed if route.cost and route.cost.fixed is not None else 0.0
-        rate = route.rate_limit
+        layout = authorize_layout()
+        sides = tuple(policy.route_side(route) for policy in layout.policies)
+        lease_ms = str(round((route.lease_seconds or DEFAULT_LEASE_SECONDS) * 1000))
+        on_expiry = (route.on_expiry or "charge")[0]
+        spend = next(side for side in sides if isinstance(side, SpendSide))
+        varies = any(
+            p.varies_per_request(side) for p, side in zip(layout.policies, sides, strict=True)
+        )
+        fixed = () if varies else layout.request_part(sides, None)
+        methods = {*STANDARD_METHODS, *route.methods, *route.scopes} - {"*"}
         return cls(
             name=route.name,
-            scopes_by_method={m: " ".join(s) for m, s in route.scopes.items()},
-            reserve="" if route.cost is None else str(round(reserve * MICRO)),
-            byok="1" if route.byok else "0",
-            rate_requests="" if rate is None else str(rate.requests),
-            rate_period_ms="" if rate is None else str(round(rate.period_seconds * 1000)),
+            sides=sides,
+            varies=varies,
+            by_method={
+                m: fixed + layout.route_part(sides, m, lease_ms, on_expiry) for m in methods
+            },
+            per_request=tuple(
+                (p, side)
+                for p, side in zip(layout.policies, sides, strict=True)
+                if p.request_arg_names
+            ),
+            reserve=spend.reserve,
+            byok=spend.byok,
             charge_failed=route.charge_failed,
-            names_resource=route.resource is not None,
             new_meter=None if route.cost is None else meter_factory(route.cost),
             response_skip=response_skip(route.cost.header if route.cost else None),
-            lease_ms=str(round((route.lease_seconds or DEFAULT_LEASE_SECONDS) * 1000)),
-            on_expiry=(route.on_expiry or "charge")[0],
+            lease_ms=lease_ms,
+            on_expiry=on_expiry,
         )
 
-    def needed_scopes(self, method: str) -> str:
-        """An empty list for a method means "no scope", not "the route's default"."""
-        needed = self.scopes_by_method.get(method)
-        return self.scopes_by_method.get("*", "") if needed is None else needed
+    def args(self, method: str, resource: str | None) -> tuple[str, ...]:
+        """The policies' script arguments for a request (after the frame's own): computed
+        at start-up but for the per-request ones of a route that names a resource."""
+        tail = self.by_method.get(method)
+        if tail is None:  # a method no route names and HTTP does not define: rare
+            layout = authorize_layout()
+            tail = layout.route_part(self.sides, method, self.lease_ms, self.on_expiry)
+            if not self.varies:
+                return layout.request_part(self.sides, None) + tail
+        if not self.varies:
+            return tail
+        head: tuple[str, ...] = ()
+        for policy, side in self.per_request:
+            head += policy.request_args(side, resource)
+        return head + tail
 
     def meter(self) -> CostMeter | None:
         """A fresh meter of this request's cost; None when the route charges nothing."""

@@ -18,55 +18,52 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.policies.chain import authorize_layout
+from gateway.policies.layout import EXPIRED as EXPIRED
+from gateway.policies.layout import KEY_STATUSES
 from gateway.policies.limits import RoutePolicy
-from gateway.policies.ratelimit import RateState
+from gateway.policies.ratelimit import RateState, state_at
+from gateway.policies.spend import BlockedCap as BlockedCap
 from gateway.proxy.context import KeyIdentity
 from gateway.store.clock import ClockOverride, server_clock
 from gateway.store.cluster_multiplex import Multiplexer
 from gateway.store.multiplex import LuaScript, reply_text
 from gateway.store.names import KeyNames
-from gateway.store.scripts import script_source
+from gateway.store.scripts import library_source, script_source
 from gateway.store.secrets import has_bad_checksum
 from gateway.usage.periods import DAY_MS, day_hint
 
-AUTHORIZE = LuaScript.from_source(script_source("authorize"))
+# The authorize script, assembled from the policies at start-up, and where its reply holds
+# what the proxy reads (gateway/policies/layout.py computes every position).
+LAYOUT = authorize_layout()
+AUTHORIZE = LuaScript.from_source(library_source() + "\n" + LAYOUT.script)
 SETTLE = LuaScript.from_source(script_source("settle"))
 REPORT = LuaScript.from_source(script_source("report"))
-ENTRY_ARG = 16  # where the authorize arguments hold the ledger entry's id (ARGV[17])
-EXPIRED = 9  # where every reply but not_found holds the expired entries charged, refunded
-HELD = 11  # where an "ok" reply holds the reservation (see authorize.lua)
-WRITTEN = 12  # where an "ok" reply says whether a ledger entry was written (1) or not (0)
+ENTRY_ARG = LAYOUT.arg("entry")  # where the authorize arguments hold the ledger entry's id
+HELD = LAYOUT.ok["spend_caps.held"]  # where an "ok" reply holds the reservation
+WRITTEN = LAYOUT.written  # where an "ok" reply says whether a ledger entry was written (1|0)
+_RATE_AT = LAYOUT.notes["rate_limit"].start  # the rate fields, in every reply but a key's
+_REFUSERS = LAYOUT.refusers
 # A settlement's target: the record, usage prefix, ledger, ledger entries and pending ids
 # of its key.
 SettleKeys = tuple[str, str, str, str, str]
 
 
 @dataclass(frozen=True, slots=True)
-class BlockedCap:
-    """The spending cap that refused a request: the one that resets last."""
-
-    name: str  # "limit" or "spend_caps[i]"
-    amount_micro: int
-    period: str
-    counted_micro: int
-    resets_at_ms: int | None  # None: a cap over all time
-
-
-@dataclass(frozen=True, slots=True)
 class Decision:
-    # ok | not_found | disabled | expired | forbidden_scope | forbidden_resource |
-    # need_resource | rate_limited | concurrency_limited | spend_limited
+    # ok | not_found | disabled | expired | need_resource | a policy's refusal
+    # (gateway/policies/chain.py: forbidden_scope, forbidden_resource, rate_limited,
+    # concurrency_limited, spend_limited)
     status: str
     key: KeyIdentity | None = None
     now_ms: int = 0  # the script's clock: settle charges the buckets of this instant
     held_micro: int = 0  # reserved against the caps; settle trues it up
     rate: RateState | None = None
-    cap: BlockedCap | None = None
     settle_keys: SettleKeys = ("", "", "", "", "")  # for settle.lua
     # The request's ledger entry ("": none, the route charges nothing and the key has no
     # max_in_flight).
     entry: str = ""
-    max_in_flight: int = 0  # concurrency_limited: the key's limit
+    refused: Any = None  # a refusal: the refusing policy's typed value (its ``decode``)
 
 
 NOT_FOUND = Decision("not_found")
@@ -172,21 +169,13 @@ class KeyAuthorizer:
         args = (
             digest,
             clock,
-            policy.reserve,
-            policy.byok,
-            policy.needed_scopes(method),
-            "0" if not policy.names_resource else "1" if resource is None else "2",
-            resource or "",
-            policy.rate_requests,
-            policy.rate_period_ms,
             # The buckets of this process's clock: the script uses them when its own clock
             # falls in the same UTC day, and computes its own otherwise.
             *day_hint(int(clock or time.time() * 1000) // DAY_MS),
             # The ledger entry's id, for a route that charges or a key with max_in_flight
             # (the script decides): settle.lua finds it by this id.
             f"{self._entry_prefix}{next(self._entry_ids):x}",
-            policy.lease_ms,
-            policy.on_expiry,
+            *policy.args(method, resource),
         )
         if key_id is not None:
             decision = await self._decide(key_id, policy, args)
@@ -249,21 +238,14 @@ class KeyAuthorizer:
         key = _identity(*reply[2:9])
         now = int(reply[1])
         if status == "ok":
-            rate = _rate_state(reply, WRITTEN + 1)
-            held, written = int(reply[HELD]), entry if int(reply[WRITTEN]) else ""
-            return Decision(status, key, now, held, rate, None, keys, written)
-        if status == "rate_limited":
-            return Decision(status, key, now, 0, _rate_state(reply, HELD + 1))
-        if status == "concurrency_limited":
-            rate = _rate_state(reply, HELD + 2)
-            return Decision(status, key, now, rate=rate, max_in_flight=int(reply[HELD]))
-        if status == "spend_limited":
-            name, amount, period, counted, resets = reply[HELD : HELD + 5]
-            cap = BlockedCap(
-                reply_text(name), int(amount), reply_text(period), int(counted), int(resets) or None
-            )
-            return Decision(status, key, now, rate=_rate_state(reply, HELD + 5), cap=cap)
-        return Decision(status, key, now, rate=_rate_state(reply, HELD))
+            written = entry if int(reply[WRITTEN]) else ""
+            rate = state_at(reply, _RATE_AT)
+            return Decision(status, key, now, int(reply[HELD]), rate, keys, written)
+        if status in KEY_STATUSES:  # disabled, expired: no policy ran
+            return Decision(status, key, now)
+        refuser = _REFUSERS[status]
+        refused = refuser.policy.decode(status, reply[refuser.notes], reply[refuser.values])
+        return Decision(status, key, now, rate=state_at(reply, _RATE_AT), refused=refused)
 
 
 def _ignore(reply: list[Any], keys: SettleKeys, entry: str, policy: RoutePolicy) -> None:
@@ -276,10 +258,3 @@ def _none_expired(charged: int, refunded: int) -> None:
 
 def _discard(seconds: float) -> None:
     return None
-
-
-def _rate_state(reply: list[Any], at: int) -> RateState | None:
-    """The rate fields from index ``at`` (see authorize.lua), or None."""
-    if len(reply) <= at + 2:
-        return None
-    return RateState(reply_text(reply[at]), reply_text(reply[at + 1]), int(reply[at + 2]))

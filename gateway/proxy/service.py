@@ -31,7 +31,7 @@ from gateway.proxy.headers import REQUEST_ID, request_id
 from gateway.proxy.metrics_endpoint import metrics_on_proxy
 from gateway.proxy.own_key import is_own_key_request, own_key
 from gateway.proxy.settle import Settlements
-from gateway.proxy.steps import Step, ThrottledWarning, read_path
+from gateway.proxy.steps import Step, StepDeps, StepSettings, ThrottledWarning, read_path
 from gateway.proxy.upstream_http import UpstreamPool
 from gateway.proxy.websocket import is_upgrade, proxy_websocket
 from gateway.store.connection import STORE_ERRORS
@@ -128,14 +128,27 @@ class Proxy:
             self.deadlines = follows.deadlines
             self.settlements = follows.settlements
             self.access_log = follows.access_log
-            return
-        self.store_down = ThrottledWarning()
-        self.deadlines = Deadlines()
-        self.settlements = Settlements(authorizer, self.metrics)
-        authorizer.abandoned = self.settlements.release
-        authorizer.timed = self.metrics.authorize_duration.observe
-        authorizer.redis.on_unreplicated = self.metrics.redis_unreplicated.inc
-        self.access_log = AccessLog.from_settings(settings)  # None when switched off
+        else:
+            self.store_down = ThrottledWarning()
+            self.deadlines = Deadlines()
+            self.settlements = Settlements(authorizer, self.metrics)
+            authorizer.abandoned = self.settlements.release
+            authorizer.timed = self.metrics.authorize_duration.observe
+            authorizer.redis.on_unreplicated = self.metrics.redis_unreplicated.inc
+            self.access_log = AccessLog.from_settings(settings)  # None when switched off
+        # What the chain's steps use of this generation (not the whole proxy).
+        self.deps = StepDeps(
+            router=self.router,
+            settings=StepSettings(keys=settings.keys, redis=settings.redis),
+            credentialed_upstreams=frozenset(
+                name for name, pool in self.pools.items() if pool.credentials
+            ),
+            policies=self.policies,
+            authorizer=authorizer,
+            settlements=self.settlements,
+            metrics=self.metrics,
+            store_down=self.store_down,
+        )
 
     def successor(self, settings: Settings) -> Proxy:
         """The next generation, for ``settings`` (already reduced to what a reload may
@@ -249,8 +262,9 @@ class Proxy:
             answer.headers[REQUEST_ID] = ctx.request_id
             ctx.outcome = outcome_of(answer.status)
             return answer
+        deps = self.deps
         for step in self.chain:
-            response = await step(self, ctx)
+            response = await step(deps, ctx)
             if response is not None:
                 response.headers[REQUEST_ID] = ctx.request_id
                 return response

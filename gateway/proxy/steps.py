@@ -6,27 +6,30 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from gateway.bodies import ClientLeft, is_text, read_capped
+from gateway.config.model import KeySettings, RedisSettings
 from gateway.credentials import carrier_headers, extract, reads_authorization
 from gateway.errors import Outcome, problem
+from gateway.metrics import Metrics
 from gateway.policies import ratelimit
 from gateway.policies.limits import RoutePolicy
-from gateway.policies.routing import MethodNotAllowed
-from gateway.policies.scopes import missing
-from gateway.proxy.authorize import BlockedCap, Decision
+from gateway.policies.policy import Asked, Refusal
+from gateway.policies.resource import NEED_RESOURCE
+from gateway.policies.routing import MethodNotAllowed, Router
+from gateway.proxy.authorize import LAYOUT, Decision, KeyAuthorizer
 from gateway.proxy.context import RequestContext
 from gateway.proxy.expect import send_continue
 from gateway.proxy.paths import BadPath, is_plain, normalize
 from gateway.store.connection import STORE_ERRORS
-from gateway.store.record import MICRO, from_micro, rfc3339
 
 if TYPE_CHECKING:
-    from gateway.proxy.service import Proxy
+    from gateway.proxy.settle import Settlements
 
 log = logging.getLogger("keygate.proxy")
 
@@ -53,7 +56,31 @@ class ThrottledWarning:
         self.unlogged = 0
         self.next_at = now + self.every
 
-Step = Callable[["Proxy", RequestContext], Awaitable[web.StreamResponse | None]]
+
+@dataclass(frozen=True, slots=True)
+class StepSettings:
+    """The slice of the settings the steps read."""
+
+    keys: KeySettings
+    redis: RedisSettings
+
+
+@dataclass(frozen=True, slots=True)
+class StepDeps:
+    """What the steps use, one per proxy generation (gateway/proxy/service.py builds it):
+    a step is ``async def step(deps: StepDeps, ctx: RequestContext) -> response | None``."""
+
+    router: Router
+    settings: StepSettings
+    credentialed_upstreams: frozenset[str]  # upstreams whose URL carries credentials
+    policies: Mapping[str, RoutePolicy]  # route name -> what it asks of the script
+    authorizer: KeyAuthorizer
+    settlements: Settlements  # a step that reserves more hands back through these
+    metrics: Metrics
+    store_down: ThrottledWarning  # the log line of requests refused by a store error
+
+
+Step = Callable[[StepDeps, RequestContext], Awaitable[web.StreamResponse | None]]
 
 
 def deny(ctx: RequestContext, outcome: Outcome, detail: str, **extra: Any) -> web.Response:
@@ -77,10 +104,10 @@ def read_path(ctx: RequestContext) -> web.Response | None:
     return None
 
 
-async def match_route(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse | None:
+async def match_route(deps: StepDeps, ctx: RequestContext) -> web.StreamResponse | None:
     if not ctx.path and (refused := read_path(ctx)) is not None:  # unless the proxy read it
         return refused
-    found = proxy.router.match(ctx.path, ctx.request.method)
+    found = deps.router.match(ctx.path, ctx.request.method)
     if found is None:
         return deny(ctx, Outcome.NOT_FOUND, "no route serves this path")
     if isinstance(found, MethodNotAllowed):
@@ -94,9 +121,9 @@ async def match_route(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse |
     return None
 
 
-async def take_credential(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse | None:
+async def take_credential(deps: StepDeps, ctx: RequestContext) -> web.StreamResponse | None:
     assert ctx.match is not None
-    keys = proxy.settings.keys
+    keys = deps.settings.keys
     request = ctx.request
     sources = ctx.match.route.sources or keys.sources
     query = request.query if "query" in sources else None
@@ -115,7 +142,7 @@ async def take_credential(proxy: Proxy, ctx: RequestContext) -> web.StreamRespon
     if (
         not reads_authorization(sources)
         and "Authorization" in request.headers
-        and proxy.pools[ctx.match.upstream.name].credentials
+        and ctx.match.upstream.name in deps.credentialed_upstreams
     ):  # the upstream URL's credentials go in Authorization; a client's would replace them
         detail = "Authorization: this route's upstream credentials are keygate's; send none"
         return deny(ctx, Outcome.INVALID_REQUEST, detail)
@@ -139,33 +166,30 @@ KEY_DENIALS = {  # the script's refusals of the key itself, also for GET /v1/key
 }
 
 
-async def authorize_key(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse | None:
-    """Every check on the key, and the reservation, in one Redis script (authorize.lua):
-    valid, not disabled, not expired, scopes, resource, rate limit, max_in_flight,
-    spending caps."""
+async def authorize_key(deps: StepDeps, ctx: RequestContext) -> web.StreamResponse | None:
+    """Every check on the key, and the reservation, in one Redis script (authorize.lua,
+    assembled from the policies of gateway/policies/chain.py): valid, not disabled, not
+    expired, then the policies in chain order."""
     assert ctx.secret is not None and ctx.match is not None
-    policy = ctx.policy = proxy.policies[ctx.match.route.name]
-    metrics = proxy.metrics
+    policy = ctx.policy = deps.policies[ctx.match.route.name]
+    authorizer = deps.authorizer
     try:
         resource = _resource_without_body(ctx)
         if isinstance(resource, web.StreamResponse):
             return resource
-        decision = await proxy.authorizer.authorize(
-            ctx.secret, policy, ctx.request.method, resource
-        )
-        if decision.status == "need_resource":  # a restricted key: the body names it
+        decision = await authorizer.authorize(ctx.secret, policy, ctx.request.method, resource)
+        if decision.status == NEED_RESOURCE:  # a restricted key: the body names it
             resource = await _resource_from_body(ctx)
             if isinstance(resource, web.StreamResponse):
                 return resource
-            decision = await proxy.authorizer.authorize(
-                ctx.secret, policy, ctx.request.method, resource
-            )
+            decision = await authorizer.authorize(ctx.secret, policy, ctx.request.method, resource)
     except STORE_ERRORS as exc:
+        metrics = deps.metrics
         metrics.redis_errors.labels("authorize").inc()
-        if proxy.settings.redis.on_error == "fail_open":
+        if deps.settings.redis.on_error == "fail_open":
             metrics.fail_open.inc()
             return None
-        proxy.store_down.refused(exc)
+        deps.store_down.refused(exc)
         return deny(ctx, Outcome.STORE_ERROR, "the key store is unavailable; retry shortly")
     status = decision.status
     if status == "ok":
@@ -176,96 +200,33 @@ async def authorize_key(proxy: Proxy, ctx: RequestContext) -> web.StreamResponse
         outcome, detail = KEY_DENIALS[status]
         return deny(ctx, outcome, detail)
     response = _refusal(ctx, decision, policy, resource)
-    if decision.rate is not None and status != "rate_limited":  # a 429 has them already
-        response.headers.extend(ratelimit.headers(decision.rate))
+    if decision.rate is not None and "RateLimit" not in response.headers:
+        response.headers.extend(ratelimit.headers(decision.rate))  # as on every response
     return response
 
 
 def _refusal(
     ctx: RequestContext, decision: Decision, policy: RoutePolicy, resource: str | None
 ) -> web.Response:
-    """The answer for a known, usable key that the script refused."""
-    status = decision.status
+    """The answer for a known, usable key that a policy refused: the policy's own."""
     assert decision.key is not None
-    if status == "forbidden_scope":
-        needed = policy.needed_scopes(ctx.request.method).split()
-        lacking = missing(decision.key.scopes, needed)
-        return deny(
-            ctx,
-            Outcome.FORBIDDEN_SCOPE,
-            f"this route needs the {' '.join(lacking)} scope",
-            scope=" ".join(needed),
-        )
-    if status == "forbidden_resource":
-        if not resource:
-            detail = "this key is limited to listed resources and the request names none"
-        else:
-            detail = f"this key may not use {resource[:200]!r}"
-        return deny(ctx, Outcome.FORBIDDEN_RESOURCE, detail)
-    if status == "rate_limited":
-        assert decision.rate is not None
-        return deny(
-            ctx,
-            Outcome.RATE_LIMITED,
-            f"this key's rate limit ({decision.rate.policy}) is reached; "
-            f"retry in {decision.rate.retry_after} s",
-            headers=ratelimit.denied_headers(decision.rate),
-        )
-    if status == "concurrency_limited":
-        # Retry-After 1: a slot frees when any request of the key ends, which is not known.
-        return deny(
-            ctx,
-            Outcome.CONCURRENCY_LIMITED,
-            f"this key allows {decision.max_in_flight} requests in flight at once, "
-            "and that many are; retry shortly",
-            headers={"Retry-After": "1"},
-        )
-    assert status == "spend_limited" and decision.cap is not None
-    return spend_denied(ctx, decision.cap, decision.now_ms)
+    refuser = LAYOUT.refusers[decision.status]
+    asked = Asked(ctx.request.method, resource, decision.key.scopes, decision.now_ms)
+    side = policy.sides[refuser.index]
+    return respond(ctx, refuser.policy.refusal(decision.status, decision.refused, side, asked))
 
 
-def spend_denied(ctx: RequestContext, cap: BlockedCap, now_ms: int) -> web.Response:
-    """402 naming the cap: its amount, what is used, what this request reserves (the
-    route's reserve) and when it resets; Retry-After until then. A cap is either used up
-    or has room, but not for this request's reservation: the detail says which."""
-    reserved = int(ctx.policy.reserve or 0) if ctx.policy is not None else 0
-    if cap.resets_at_ms is None:
-        which, until, headers = f"{cap.name} over all time", "", {}
-    else:
-        which = f"{cap.period} {cap.name}"
-        until = f"; it resets at {rfc3339(cap.resets_at_ms)}"
-        headers = {"Retry-After": str(max(1, -(-(cap.resets_at_ms - now_ms) // 1000)))}
-    amount, used = _credits(cap.amount_micro), _credits(cap.counted_micro)
-    if cap.counted_micro >= cap.amount_micro:
-        detail = f"the key's {which} of {amount} is used up ({used} used){until}"
-    else:
-        detail = (
-            f"the key's {which} is {amount}: {used} is used and this request reserves "
-            f"{_credits(reserved)}, which would pass it{until}"
-        )
-    ctx.outcome = Outcome.SPEND_LIMITED
+def respond(ctx: RequestContext, refusal: Refusal) -> web.Response:
+    """A policy's refusal as the response, in the route's error format."""
+    ctx.outcome = refusal.outcome
     return problem(
-        Outcome.SPEND_LIMITED,
-        detail,
+        refusal.outcome,
+        refusal.detail,
         error_format=ctx.error_format,
-        headers=headers,
-        extra={
-            "cap": {
-                "name": cap.name,
-                "amount": from_micro(cap.amount_micro),
-                "period": cap.period,
-                "used": from_micro(cap.counted_micro),
-                "reserved": from_micro(reserved),
-                "resets_at": rfc3339(cap.resets_at_ms),
-            }
-        },
+        headers=refusal.headers,
+        scope=refusal.scope,
+        extra=refusal.extra,
     )
-
-
-def _credits(micro: int) -> str:
-    """Credits as a person reads them: exact to the micro-unit, no exponent, no trailing
-    zeros (4.5, 1000000, 0.000001)."""
-    return f"{micro / MICRO:.6f}".rstrip("0").rstrip(".")
 
 
 def _resource_without_body(ctx: RequestContext) -> str | web.Response | None:

@@ -14,6 +14,17 @@ def _file(name: str) -> str:
     return resources.files("gateway.store").joinpath("lua", f"{name}.lua").read_text("utf-8")
 
 
+def frame_source(name: str) -> str:
+    """A script template's text alone (the authorize script's frame, which
+    gateway/policies/layout.py completes); see ``script_source`` for the library."""
+    return _file(name)
+
+
+def library_source() -> str:
+    """The shared library every script starts with."""
+    return _file("lib")
+
+
 def script_source(name: str) -> str:
     """A script's source with the shared library (periods, buckets, caps) in front."""
     return _file("lib") + "\n" + _file(name)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from gateway.proxy.authorize import AUTHORIZE, EXPIRED, LAYOUT, WRITTEN
 from gateway.store.names import KeyNames
 from gateway.store.scripts import script_source
 from tests.conftest import MakeKey
@@ -25,7 +26,7 @@ class Ledger:
 
     def __init__(self, redis: Redis, names: KeyNames, key_id: str, digest: str) -> None:
         self.redis, self.names, self.key_id, self.digest = redis, names, key_id, digest
-        self._authorize = redis.register_script(script_source("authorize"))
+        self._authorize = redis.register_script(AUTHORIZE.source)
         self._settle = redis.register_script(script_source("settle"))
 
     def _keys(self) -> list[str]:
@@ -35,10 +36,21 @@ class Ledger:
     async def authorize(self, now_ms: int, entry: str, on_expiry: str = "c") -> list[Any]:
         record, usage, ledger, entries = self._keys()
         rate = self.names.rate(self.key_id)
-        args: list[Any] = [self.digest, now_ms, RESERVE, "0", "", "0", "", "", "", *[""] * 7]
-        args += [entry, LEASE_MS, on_expiry]
+        args = LAYOUT.pack(
+            {
+                "digest": self.digest,
+                "clock": now_ms,
+                "entry": entry,
+                "resource.state": "0",
+                "lease_ms": LEASE_MS,
+                "on_expiry": on_expiry,
+                "spend_caps.reserve": RESERVE,
+                "spend_caps.byok": "0",
+            }
+        )
+        pending = self.names.pending_ids(self.key_id)
         reply: list[Any] = await self._authorize(
-            keys=[record, usage, rate, f"{rate}:r", ledger, entries], args=args
+            keys=[record, usage, rate, f"{rate}:r", ledger, entries, pending], args=args
         )
         assert reply[0] in ("ok", b"ok"), reply
         return reply
@@ -87,7 +99,7 @@ async def test_a_settlement_after_its_lease_was_resolved_lands_once(
     # The lease ends unsettled: the next script on the key resolves the entry.
     after = now + LEASE_MS + 1
     reply = await ledger.authorize(after, "req-2")
-    assert [int(reply[9]), int(reply[10])] == ([1, 0] if rule == "c" else [0, 1])
+    assert [int(reply[EXPIRED]), int(reply[EXPIRED + 1])] == ([1, 0] if rule == "c" else [0, 1])
     assert await ledger.usage() == resolved + RESERVE
     # req-1's settlement arrives late: its charge becomes its actual cost, once.
     late = [0, 1, 0, 0, 0]
@@ -119,7 +131,7 @@ async def test_max_in_flight_counts_pending_entries_with_their_lease_running(
     kept a day for a late settlement) holds none."""
     issued = await make_key(max_in_flight=2)
     names, key_id = KeyNames(key_prefix), issued.record.id
-    authorize = redis.register_script(script_source("authorize"))
+    authorize = redis.register_script(AUTHORIZE.source)
     settle = redis.register_script(script_source("settle"))
     rate = names.rate(key_id)
     ledger_keys = [names.ledger(key_id), names.ledger_entries(key_id), names.pending_ids(key_id)]
@@ -127,11 +139,21 @@ async def test_max_in_flight_counts_pending_entries_with_their_lease_running(
     settle_keys = [names.record(key_id), names.usage(key_id, ""), *ledger_keys]
 
     async def admit(now_ms: int, entry: str) -> str:
-        args = [issued.record.hash, now_ms, "", "0", "", "0", "", "", "", *[""] * 7]
-        reply = await authorize(keys=keys, args=[*args, entry, LEASE_MS, "c"])
+        args = LAYOUT.pack(
+            {
+                "digest": issued.record.hash,
+                "clock": now_ms,
+                "entry": entry,
+                "resource.state": "0",
+                "lease_ms": LEASE_MS,
+                "on_expiry": "c",
+                "spend_caps.byok": "0",
+            }
+        )
+        reply = await authorize(keys=keys, args=args)
         status = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
         if status == "ok":
-            assert int(reply[12]) == 1  # an entry was written, amount 0
+            assert int(reply[WRITTEN]) == 1  # an entry was written, amount 0
         return str(status)
 
     now = await _now(redis)
