@@ -7,7 +7,7 @@ from aiohttp import web
 
 from gateway import listener
 from gateway.config.model import Settings
-from gateway.proxy import steps
+from gateway.proxy import steps, workspace
 from gateway.proxy.authorize import KeyAuthorizer
 from gateway.proxy.live import LiveProxy
 from gateway.proxy.service import Proxy
@@ -24,6 +24,7 @@ PROXY_CHAIN: tuple[Step, ...] = (
     # resource not allowed (a JSON body is read only for a restricted key), 429 rate
     # limited, 402 spending cap reached, 503 store down; and reserves the expected cost
     steps.authorize_key,
+    workspace.reserve_workspace,  # 402 workspace.spend_caps[i]: the same reserve, its budget
 )
 # then proxy.forward: stream to the upstream and back (502, 504), then settle the cost
 

@@ -14,7 +14,7 @@ from gateway.metrics import Metrics
 from gateway.store.connection import STORE_ERRORS
 from gateway.store.keystore import KeyStore
 
-from . import health, keys, metrics_endpoint, reload
+from . import health, keys, metrics_endpoint, reload, workspaces
 from .caller import Denied
 from .context import SETTINGS, STORE
 from .openapi import OPENAPI, document, serve_document
@@ -73,6 +73,7 @@ def build_admin_app(
     app[STORE] = store
     app[OPENAPI] = document()
     keys.add_routes(app)
+    workspaces.add_routes(app)
     health.add_routes(app, readiness)
     reload.add_routes(app, reloader)
     metrics_endpoint.add_routes(app, metrics if metrics is not None else Metrics())

@@ -16,6 +16,7 @@ from .health import OPENAPI_PATHS as HEALTH_PATHS
 from .keys import MAX_GRACE_SECONDS, MAX_PAGE
 from .metrics_endpoint import OPENAPI_PATHS as METRICS_PATHS
 from .reload import OPENAPI_PATHS as RELOAD_PATHS
+from .workspaces import OPENAPI_PATHS as WORKSPACE_PATHS
 
 _NULLABLE_STRING = {"type": ["string", "null"]}
 _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
@@ -397,6 +398,7 @@ def document() -> dict[str, Any]:
             },
             **HEALTH_PATHS,
             **RELOAD_PATHS,
+            **WORKSPACE_PATHS,
             **METRICS_PATHS,
         },
         "components": {

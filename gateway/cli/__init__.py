@@ -19,7 +19,7 @@ from gateway.demo import command as demo
 from gateway.embedded import EmbeddedError
 from gateway.store.connection import describe
 
-from . import keys
+from . import keys, workspaces
 from .source import Loaded, load_config, not_found, store_target
 
 CONFIG_HELP = (
@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("path", metavar="PATH", nargs="?", help="the file (as --config)")
     check.set_defaults(run=_check_config)
     keys.add_commands(commands, common)
+    workspaces.add_commands(commands, common)
     demo.add_command(commands)
     return parser
 

@@ -99,10 +99,13 @@ reserve
         return spend_refusal(refused, asked.now_ms, int(side.reserve or 0))
 
 
-def spend_refusal(cap: BlockedCap, now_ms: int, reserved: int) -> Refusal:
+def spend_refusal(
+    cap: BlockedCap, now_ms: int, reserved: int, whose: str = "the key's"
+) -> Refusal:
     """402 naming the cap: its amount, what is used, what this request reserves (the
     route's reserve) and when it resets; Retry-After until then. A cap is either used up
-    or has room, but not for this request's reservation: the detail says which."""
+    or has room, but not for this request's reservation: the detail says which.
+    ``whose``: the cap's holder as the detail names it (a workspace's budget too)."""
     if cap.resets_at_ms is None:
         which, until, headers = f"{cap.name} over all time", "", {}
     else:
@@ -111,10 +114,10 @@ def spend_refusal(cap: BlockedCap, now_ms: int, reserved: int) -> Refusal:
         headers = {"Retry-After": str(max(1, -(-(cap.resets_at_ms - now_ms) // 1000)))}
     amount, used = credits(cap.amount_micro), credits(cap.counted_micro)
     if cap.counted_micro >= cap.amount_micro:
-        detail = f"the key's {which} of {amount} is used up ({used} used){until}"
+        detail = f"{whose} {which} of {amount} is used up ({used} used){until}"
     else:
         detail = (
-            f"the key's {which} is {amount}: {used} is used and this request reserves "
+            f"{whose} {which} is {amount}: {used} is used and this request reserves "
             f"{credits(reserved)}, which would pass it{until}"
         )
     return Refusal(

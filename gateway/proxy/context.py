@@ -14,6 +14,7 @@ from gateway.policies.routing import Match
 if TYPE_CHECKING:
     from gateway.policies.limits import RoutePolicy
     from gateway.proxy.authorize import Decision
+    from gateway.proxy.workspace import WorkspaceHold
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,7 @@ class RequestContext:
     key: KeyIdentity | None = None
     policy: RoutePolicy | None = None
     decision: Decision | None = None  # the authorize script's "ok": what it held, rate state
+    workspace: WorkspaceHold | None = None  # its workspace's reservation (proxy/workspace.py)
     body: bytes | None = None  # read only when a rule needs it (resource from JSON)
     outcome: Outcome = Outcome.OK
     upstream_status: int | None = None  # set when the upstream answered

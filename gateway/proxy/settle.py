@@ -109,7 +109,11 @@ class Settlements:
         charged = charge(ctx, decision, meter)
         if decision.entry:
             assert ctx.policy is not None  # charge() asserts it too
-            self._add(decision.settle_keys, decision.entry, charged, int(ctx.policy.lease_ms))
+            self.queue(decision.settle_keys, decision.entry, charged, int(ctx.policy.lease_ms))
+        if ctx.workspace is not None:  # the same actual cost on the workspace's entry, once
+            assert ctx.policy is not None
+            hold = ctx.workspace
+            self.queue(hold.keys, hold.entry, charged, int(ctx.policy.lease_ms))
         return charged
 
     def release(
@@ -124,12 +128,12 @@ class Settlements:
         refused (503) or let through uncharged (fail_open)."""
         if reply is None:
             if entry:
-                self._add(keys, entry, 0, int(policy.lease_ms))
+                self.queue(keys, entry, 0, int(policy.lease_ms))
             return
         if entry and reply_text(reply[0]) == "ok" and int(reply[WRITTEN]):
             if int(reply[EXPIRED]) or int(reply[EXPIRED + 1]):  # expired entries it resolved
                 self._expired(int(reply[EXPIRED]), int(reply[EXPIRED + 1]))
-            self._add(keys, entry, 0, int(policy.lease_ms))
+            self.queue(keys, entry, 0, int(policy.lease_ms))
 
     def _expired(self, charged: int, refunded: int) -> None:
         if charged:
@@ -137,7 +141,10 @@ class Settlements:
         if refunded:
             self.metrics.reservations_expired.labels("refund").inc(refunded)
 
-    def _add(self, keys: SettleKeys, entry: str, actual: int, lease_ms: int) -> None:
+    def queue(self, keys: SettleKeys, entry: str, actual: int, lease_ms: int) -> None:
+        """Settle ledger entry ``entry`` of ``keys`` (a key's, or a workspace's) at
+        ``actual`` micro-units: batched with the turn's other settlements of the same keys,
+        retried until ``lease_ms`` after now (plus a margin) if its fate is unknown."""
         # The lease is counted from the authorization, by the Redis server's clock (or a
         # test's); from now by this host's is later, never earlier.
         deadline = time.time() + lease_ms / 1000 + RETRY_MARGIN_S

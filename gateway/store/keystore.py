@@ -22,6 +22,7 @@ from gateway.store.record import KeyRecord, decode, encode_fields, index_member,
 from gateway.store.report import UsageReport
 from gateway.store.scripts import Scripts
 from gateway.store.slots import id_in_slot, key_slot, secret_in_slot
+from gateway.store.workspaces import Workspaces
 
 AuthStatus = Literal["ok", "not_found", "disabled", "expired"]
 _MEMBER = re.compile(r"^\d{15}:[0-9a-f-]{36}$")
@@ -87,6 +88,8 @@ class KeyStore:
         self.secret_prefix = secret_prefix
         self.scripts = Scripts.register(client)
         self.clock = clock  # '' (the server's TIME) except in tests of period rollover
+        # Workspace budgets; their clock is this store's, also when a test replaces it.
+        self.workspaces = Workspaces(client, names, lambda: self.clock())
 
     async def server_time_ms(self) -> int:
         seconds, micros = await self.client.time()
@@ -135,12 +138,18 @@ class KeyStore:
             "disabled": False,
             "include_byok_in_limit": False,
             **values,
+            "workspace_capped": None,  # the store's own flag (below), never an input's
             "id": key_id,
             "hash": digest,
             "prefix": prefix,
             "label": label,
             "imported": not generated,
         }
+        # Flagged at once when the workspace has a budget already, so a Redis error after
+        # the record is written cannot leave it unflagged; the check after the writes
+        # (below) covers a budget set meanwhile.
+        capped = await self.workspaces.capped(str(fields.get("workspace_id", "")))
+        fields["workspace_capped"] = True if capped else None
         encoded = encode_fields(fields)
         # Encoded here, before the index write below, so a value Redis cannot take (a lone
         # surrogate: no UTF-8) fails with nothing written rather than leave index members.
@@ -161,6 +170,11 @@ class KeyStore:
             if created == -1:
                 raise KeyExists("a key with this secret already exists")
             raise KeyExists("key id collision")  # never overwrite, however unlikely
+        # After the index member and the record: PUT /v1/workspaces/{id} writes the caps,
+        # then walks this index; here the caps are read after both writes, so one of the
+        # two always sees the other and the key is flagged (store/workspaces.py).
+        if not capped:
+            await self.workspaces.flag_if_capped(encoded["workspace_id"], key_id)
         record = decode({**encoded, "created_at": str(now), "updated_at": str(now)})
         return Issued(record, secret if generated else None)
 

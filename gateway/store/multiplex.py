@@ -406,7 +406,11 @@ class _Connection(asyncio.Protocol):
             if not future.done():
                 future.set_exception(kind(message))
             elif self._late:
-                self._late.take(future)  # no reply will come: whether it ran is unknown
+                # A cancelled caller's script: no reply will come, and whether it ran is
+                # unknown; its handler hears so (None) and undoes it idempotently.
+                handler = self._late.take(future)
+                if handler is not None:
+                    handler(None)
         if self._transport is not None and not self._transport.is_closing():
             self._transport.abort()  # nothing more is read from it: late replies are dropped
 
@@ -505,11 +509,11 @@ class RedisMultiplexer:
     ) -> Any:
         """``evalsha``, for a script whose effects must not be lost with its caller: if the
         caller is cancelled after the script was sent, ``when_cancelled`` gets the reply
-        when it arrives (not an error reply; nothing when the connection fails first).
-        When the script was sent and its connection failed before the reply (lost, or no
-        reply within socket_timeout), the script may have run: ``when_cancelled`` gets None
-        (its effects are unknown; the caller undoes them idempotently), then the error is
-        raised as usual.
+        when it arrives (nothing for an error reply). When the script was sent and its
+        connection failed before the reply (lost, or no reply within socket_timeout),
+        cancelled caller or not, the script may have run: ``when_cancelled`` gets None (its
+        effects are unknown; the caller undoes them idempotently), and a caller still
+        waiting gets the error as usual.
 
         ``asking``: after a Cluster's ASK redirection; the script goes as EVAL (the node
         importing the slot may not have it cached), preceded by ASKING on the same

@@ -43,6 +43,31 @@ class KeyNames:
         by their lease end (authorize.lua counts the key's requests in flight there)."""
         return f"{self.prefix}lp:{{{key_id}}}"
 
+    # A workspace's budget (PUT /v1/workspaces/{id}) lives on its own slot, hash tag
+    # {w:<workspace_id>}: its caps, usage buckets and reservation ledger, in the same
+    # formats as a key's so that settle.lua settles a workspace entry unchanged.
+
+    def workspace_budget(self, workspace_id: str) -> str:
+        """Hash: the workspace's budget (spend_caps JSON, updated_at); settle.lua's record."""
+        return f"{self.prefix}w:{{w:{workspace_id}}}"
+
+    def workspace_usage(self, workspace_id: str, bucket: str) -> str:
+        """Int string: the workspace's usage in micro-units for a bucket (as ``usage``)."""
+        return f"{self.prefix}wu:{{w:{workspace_id}}}:{bucket}"
+
+    def workspace_ledger(self, workspace_id: str) -> str:
+        """Sorted set: the workspace's reservation ledger (as ``ledger``)."""
+        return f"{self.prefix}wl:{{w:{workspace_id}}}"
+
+    def workspace_ledger_entries(self, workspace_id: str) -> str:
+        """Hash: the workspace's ledger entries (as ``ledger_entries``)."""
+        return f"{self.prefix}wle:{{w:{workspace_id}}}"
+
+    def workspace_pending_ids(self, workspace_id: str) -> str:
+        """Sorted set never written (a workspace has no max_in_flight): settle.lua's fifth
+        key, named in the workspace's slot so that a Cluster accepts the call."""
+        return f"{self.prefix}wlp:{{w:{workspace_id}}}"
+
     def workspace_index(self, workspace_id: str) -> str:
         """Sorted set: the workspace's keys, ordered for listing."""
         return f"{self.prefix}ws:{workspace_id}"

@@ -33,6 +33,7 @@ class ReplyCutter:
         self.unix_path = parts.path if parts.scheme == "unix" else None  # the embedded server
         self.host, self.port = parts.hostname or LOOPBACK, parts.port or 6379
         self.armed = False
+        self.hold = 0.0  # seconds to sit on the reply before dropping it
         self.cut = 0  # replies dropped
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
@@ -41,8 +42,8 @@ class ReplyCutter:
         self._server = await asyncio.start_server(self._relay, LOOPBACK, 0)
         return f"redis://{LOOPBACK}:{self._server.sockets[0].getsockname()[1]}"
 
-    def arm(self) -> None:
-        self.armed = True
+    def arm(self, hold: float = 0.0) -> None:
+        self.armed, self.hold = True, hold
 
     async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         if self.unix_path is not None:
@@ -60,6 +61,7 @@ class ReplyCutter:
             while data := await server_r.read(65536):
                 if self.armed:
                     self.armed = False
+                    await asyncio.sleep(self.hold)
                     self.cut += 1
                     return  # the reply is dropped; both sides are closed below
                 client_w.write(data)
@@ -131,5 +133,44 @@ async def test_a_reservation_whose_reply_was_lost_is_released_not_charged(
     await gateway.proxy.settlements.drain()
 
     # The script ran (it reserved 0.25 and wrote an entry); its release landed after.
+    assert await _settled(redis, names.ledger_entries(issued.record.id)) == 0
+    assert int(await redis.get(total)) == 250_000  # type: ignore[attr-defined]
+
+
+async def test_a_lost_reply_after_the_client_left_is_released_too(
+    start_cost_gateway: object,
+    cutter: ReplyCutter,
+    make_key: MakeKey,
+    http: aiohttp.ClientSession,
+    redis: object,
+    key_prefix: str,
+) -> None:
+    """The client leaves while the script's reply is held up, then the connection drops:
+    no reply ever comes for the cancelled request, and its reservation is released."""
+    url = await cutter.start()
+    gateway: Gateway = await start_cost_gateway(  # type: ignore[operator]
+        redis={"url": url, "socket_timeout": 5.0}
+    )
+    issued = await make_key()
+    target = f"{gateway.url}/c/fixed"
+    async with http.get(target, headers=bearer(issued.secret)) as first:
+        assert first.status == 200
+    await gateway.proxy.settlements.drain()
+    names = KeyNames(key_prefix)
+    total = names.usage(issued.record.id, "t")
+
+    cutter.arm(hold=1.0)
+    with pytest.raises(asyncio.TimeoutError):
+        await http.get(
+            target, headers=bearer(issued.secret), timeout=aiohttp.ClientTimeout(total=0.3)
+        )
+    for _ in range(100):  # the relay drops the reply 1 s after it came
+        if cutter.cut:
+            break
+        await asyncio.sleep(0.05)
+    assert cutter.cut == 1
+    await asyncio.sleep(0.1)  # the connection's failure reaches the proxy
+    await gateway.proxy.settlements.drain()
+
     assert await _settled(redis, names.ledger_entries(issued.record.id)) == 0
     assert int(await redis.get(total)) == 250_000  # type: ignore[attr-defined]
