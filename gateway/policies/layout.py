@@ -298,6 +298,8 @@ def assemble(frame: str, policies: Sequence[Policy[Any]]) -> Layout:
     )
     script = bind(frame, None)
     script = script.replace("FIELD_NAMES", ", ".join(f"'{name}'" for name in fields))
+    # Settlements that ride along follow the layout's arguments (the frame says why).
+    script = script.replace("ARG_COUNT", str(len(args)))
     for marker, text in (
         ("--@policies", middle),
         ("--@commit", "\n".join(blocks("commit"))),

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.policies.chain import authorize_layout
 from gateway.policies.layout import EXPIRED as EXPIRED
@@ -47,6 +47,12 @@ _REFUSERS = LAYOUT.refusers
 # A settlement's target: the record, usage prefix, ledger, ledger entries and pending ids
 # of its key.
 SettleKeys = tuple[str, str, str, str, str]
+
+
+class Riders(Protocol):
+    """Settlements that ride along with an authorization (proxy/settle.py makes them)."""
+
+    pairs: list[Any]  # request id, actual cost (micro), ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +153,11 @@ class KeyAuthorizer:
         # and restarts (a random prefix per authorizer, made in the process that serves).
         self._entry_prefix = secrets.token_hex(8)
         self._entry_ids = itertools.count()
+        # Given a key's names: the (request id, actual cost) pairs of its settlements
+        # waiting in this turn, taken to ride along with its authorization (or None); and
+        # where they go back when that call fails. Replaced by the settlements.
+        self.ride_along: Callable[[SettleKeys], Riders | None] = _no_riders
+        self.riders_back: Callable[[Riders], None] = _drop_riders
         # Given each authorize script call's duration in seconds (metrics); replaced by Proxy.
         self.timed: Callable[[float], None] = _discard
 
@@ -222,13 +233,23 @@ class KeyAuthorizer:
         )
         entry = args[ENTRY_ARG]
         sent_at = time.perf_counter()
-        reply = await self.redis.run_script(
-            AUTHORIZE,
-            (keys[0], keys[1], rate_key, f"{rate_key}:{policy.name}", keys[2], keys[3], keys[4]),
-            args,
-            # The client left while the script ran: hand back what it reserved.
-            lambda late: self.abandoned(late, keys, entry, policy),
-        )
+        # This turn's settlements of the key, not sent yet, go with the script (applied
+        # before its checks) instead of in a settle.lua call of their own.
+        riders = self.ride_along(keys)
+        try:
+            reply = await self.redis.run_script(
+                AUTHORIZE,
+                (keys[0], keys[1], rate_key, f"{rate_key}:{policy.name}", *keys[2:]),
+                args if riders is None else (*args, *riders.pairs),
+                # The client left while the script ran: hand back what it reserved.
+                lambda late: self.abandoned(late, keys, entry, policy),
+            )
+        except BaseException:
+            # Not run, or its fate unknown: the riders go again on their own (settling
+            # twice changes nothing).
+            if riders is not None:
+                self.riders_back(riders)
+            raise
         self.timed(time.perf_counter() - sent_at)
         status = reply_text(reply[0])
         if status == "not_found":
@@ -257,4 +278,12 @@ def _none_expired(charged: int, refunded: int) -> None:
 
 
 def _discard(seconds: float) -> None:
+    return None
+
+
+def _no_riders(keys: SettleKeys) -> Riders | None:
+    return None
+
+
+def _drop_riders(riders: Riders) -> None:
     return None

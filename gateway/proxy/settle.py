@@ -25,11 +25,11 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from redis.exceptions import NoScriptError
 
-from gateway.proxy.authorize import EXPIRED, SETTLE, WRITTEN, SettleKeys
+from gateway.proxy.authorize import EXPIRED, SETTLE, WRITTEN, Riders, SettleKeys
 from gateway.proxy.context import RequestContext
 from gateway.store.connection import STORE_ERRORS
 from gateway.store.multiplex import reply_text
@@ -96,6 +96,8 @@ class Settlements:
         self.authorizer = authorizer
         self.metrics = metrics
         authorizer.expired = self._expired
+        authorizer.ride_along = self._ride_along
+        authorizer.riders_back = self._riders_back
         self.pending: dict[asyncio.Future[Any], _Call] = {}
         self.failed = 0  # settlements given up after retries
         self._turn: dict[SettleKeys, _Call] = {}
@@ -158,6 +160,21 @@ class Settlements:
         else:
             call.pairs += (entry, actual)
             call.deadline = max(call.deadline, deadline)
+
+    def _ride_along(self, keys: SettleKeys) -> _Call | None:
+        """This turn's settlements of the key ``keys`` names, taken out of the turn's
+        batch: they go with the key's authorization, which is sent in this same turn (so
+        before any settle.lua call the turn would send, and in the same order)."""
+        return self._turn.pop(keys, None)
+
+    def _riders_back(self, riders: Riders) -> None:
+        """Settlements whose authorization failed or whose fate is unknown: sent again on
+        their own, retried as any settlement (applying them twice changes nothing)."""
+        call = cast(_Call, riders)
+        call.sent_at = None
+        retry = asyncio.ensure_future(self._retry(call, None))
+        self.pending[retry] = call
+        retry.add_done_callback(self._done)
 
     def _flush(self) -> None:
         self._flush_handle = None

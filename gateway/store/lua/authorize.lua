@@ -6,8 +6,10 @@
 -- entries whose lease ended unsettled are resolved first (resolve_expired, lib.lua).
 --
 -- This file is a template: gateway/policies/layout.py puts the policies' sections at the
--- --@ lines (inline, each in its own block: no closure per call) and binds every ARG.<name>, FIELD.<name>, KEY.<name> (and ARG_AT.<name>, an
--- argument's index) to its position, and the HMGET's field list to the record fields.
+-- --@ lines (inline, each in its own block: no closure per call) and binds every
+-- ARG.<name>, FIELD.<name>, KEY.<name> (and ARG_AT.<name>, an argument's index) to its
+-- position, ARG_COUNT to how many arguments it names, and the HMGET's field list to the
+-- record fields.
 -- Replies: {'not_found', now_ms}; for a key that is not usable, {status, now_ms, identity}
 -- (identity: id, workspace_id, user_id, scopes_json, resources_json|false, name|false,
 -- workspace capped 1|0 (its workspace has a budget: the proxy reserves there next),
@@ -19,6 +21,14 @@ local now = math.floor(now_us / 1000)
 local f = redis.call('HMGET', KEY.record, FIELD_NAMES)
 local presented = ARG.digest
 if not FIELD.hash then return {'not_found', now} end
+-- Settlements of this key that ride along with its authorization (gateway/proxy/settle.py):
+-- (request id, actual cost) pairs after the layout's ARG_COUNT arguments, applied first,
+-- whatever this request's outcome, so its checks see their refunds; one script instead of
+-- a settle.lua call each (lib.lua's apply_settlements, the same code).
+if #ARGV > ARG_COUNT then
+  apply_settlements(KEY.usage, KEY.ledger, KEY.entries, KEY.pending, ARGV, ARG_COUNT + 1,
+    ARG_AT.hint)
+end
 if FIELD.hash ~= presented
   and not (FIELD.grace_hash == presented and now < tonumber(FIELD.grace_until or '0')) then
   return {'not_found', now}
