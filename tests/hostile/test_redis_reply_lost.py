@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
+from gateway.store.keystore import Issued
 from gateway.store.names import KeyNames
 from tests.conftest import MakeKey, bearer
 from tests.proxy.conftest import LOOPBACK, Gateway
@@ -101,6 +102,27 @@ async def _settled(redis: object, entries: str) -> int:
     return left
 
 
+async def _warm_gateway(
+    start_cost_gateway: object,
+    cutter: ReplyCutter,
+    make_key: MakeKey,
+    http: aiohttp.ClientSession,
+    **redis_options: object,
+) -> tuple[Gateway, Issued, str]:
+    """A gateway whose Redis is behind the relay, a key, and one request through it that
+    paid 0.25 (so the key's hash is cached and the script loaded); the fixed route's URL."""
+    url = await cutter.start()
+    gateway: Gateway = await start_cost_gateway(  # type: ignore[operator]
+        redis={"url": url, **redis_options}
+    )
+    issued = await make_key()
+    target = f"{gateway.url}/c/fixed"
+    async with http.get(target, headers=bearer(issued.secret)) as first:
+        assert first.status == 200
+    await gateway.proxy.settlements.drain()
+    return gateway, issued, target
+
+
 @pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
 async def test_a_reservation_whose_reply_was_lost_is_released_not_charged(
     start_cost_gateway: object,
@@ -111,15 +133,9 @@ async def test_a_reservation_whose_reply_was_lost_is_released_not_charged(
     key_prefix: str,
     on_error: str,
 ) -> None:
-    url = await cutter.start()
-    gateway: Gateway = await start_cost_gateway(  # type: ignore[operator]
-        redis={"url": url, "on_error": on_error}
+    gateway, issued, target = await _warm_gateway(
+        start_cost_gateway, cutter, make_key, http, on_error=on_error
     )
-    issued = await make_key()
-    target = f"{gateway.url}/c/fixed"
-    async with http.get(target, headers=bearer(issued.secret)) as first:
-        assert first.status == 200  # warm: the key's hash is cached, the script loaded
-    await gateway.proxy.settlements.drain()
     names = KeyNames(key_prefix)
     total = names.usage(issued.record.id, "t")
     assert int(await redis.get(total)) == 250_000  # type: ignore[attr-defined]
@@ -147,15 +163,9 @@ async def test_a_lost_reply_after_the_client_left_is_released_too(
 ) -> None:
     """The client leaves while the script's reply is held up, then the connection drops:
     no reply ever comes for the cancelled request, and its reservation is released."""
-    url = await cutter.start()
-    gateway: Gateway = await start_cost_gateway(  # type: ignore[operator]
-        redis={"url": url, "socket_timeout": 5.0}
+    gateway, issued, target = await _warm_gateway(
+        start_cost_gateway, cutter, make_key, http, socket_timeout=5.0
     )
-    issued = await make_key()
-    target = f"{gateway.url}/c/fixed"
-    async with http.get(target, headers=bearer(issued.secret)) as first:
-        assert first.status == 200
-    await gateway.proxy.settlements.drain()
     names = KeyNames(key_prefix)
     total = names.usage(issued.record.id, "t")
 
