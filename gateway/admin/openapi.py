@@ -221,7 +221,11 @@ def _problem(status: int, text: str) -> dict[str, Any]:
 _ERRORS = {
     "400": "Invalid input; the problem names the field.",
     "401": "Missing, unknown, revoked or expired API key.",
-    "403": "Key disabled, scope missing, another workspace, or scopes beyond the caller's.",
+    "403": (
+        "Key disabled, scope missing, another workspace, scopes beyond the caller's, or "
+        "caps looser than the caller's remaining allowance (`allowance`: what is left per "
+        "period)."
+    ),
     "404": "No such key visible to the caller.",
     "409": "A key with this secret already exists.",
     "413": "Body over the configured limit.",
