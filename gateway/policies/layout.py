@@ -19,9 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.policies.policy import Policy
+from gateway.store.names import KeyNames
 
-# The key's Redis names the script is called with, in KEYS order (KEY.<name>).
-FRAME_KEYS = ("record", "usage", "rate", "route_rate", "ledger", "entries", "pending")
+# The frame's Redis names of the key, first in KEYS order (KEY.<name>): settle.lua's keys,
+# in its order, so that a settlement's target is the head of an authorization's keys.
+# The policies' own names follow (Policy.keys), in chain order.
+FRAME_KEYS = ("record", "usage", "ledger", "entries", "pending")
 HINT_SLOTS = 7  # the caller's day hint (gateway/usage/periods.py:day_hint)
 # The frame's arguments (ARG.<name>): per request, then per route.
 FRAME_REQUEST_ARGS = ("digest", "clock", "hint", *(f"hint+{i}" for i in range(1, HINT_SLOTS)))
@@ -108,7 +111,7 @@ class Refuser:
 class Layout:
     policies: tuple[Policy[Any], ...]
     script: str  # the assembled Lua (lib.lua is not in it)
-    keys: tuple[str, ...]  # KEY names, in KEYS order
+    keys: tuple[str, ...]  # KEY names, in KEYS order (a policy's qualified: "rate_limit.rate")
     args: tuple[str, ...]  # qualified ARG names ("entry", "scopes.needed"), in ARGV order
     fields: tuple[str, ...]  # record fields, in HMGET order
     notes: dict[str, slice]  # policy name -> its notes in every reply but a key's
@@ -116,6 +119,18 @@ class Layout:
     ok: dict[str, int]  # "policy.value" -> where an "ok" reply holds it
     refusers: dict[str, Refuser]  # status -> who refused and where its values are
     bound: dict[str, dict[str, str]]  # policy name -> its sections, names bound
+
+    def key_names(self, names: KeyNames, key_id: str, route: str) -> tuple[str, ...]:
+        """Every Redis name the script takes for key ``key_id`` on route ``route``, in
+        KEYS order (the proxy builds the same inline, per request)."""
+        frame = (
+            names.record(key_id),
+            names.usage(key_id, ""),
+            names.ledger(key_id),
+            names.ledger_entries(key_id),
+            names.pending_ids(key_id),
+        )
+        return frame + tuple(k for p in self.policies for k in p.redis_keys(names, key_id, route))
 
     def arg(self, name: str) -> int:
         """The 0-based position of argument ``name`` ("entry", "spend_caps.reserve")."""
@@ -163,6 +178,9 @@ def assemble(frame: str, policies: Sequence[Policy[Any]]) -> Layout:
     fields: list[str] = list(FRAME_FIELDS)
     for policy in policies:
         fields += [name for name in policy.fields if name not in fields]
+    keys = list(FRAME_KEYS)
+    for policy in policies:
+        keys += [f"{policy.name}.{name}" for name in policy.keys]
     args = list(FRAME_REQUEST_ARGS)
     for policy in policies:
         args += [f"{policy.name}.{name}" for name in policy.request_arg_names]
@@ -184,8 +202,10 @@ def assemble(frame: str, policies: Sequence[Policy[Any]]) -> Layout:
         def one(match: re.Match[str]) -> str:
             kind, name = match.group(1), match.group(2)
             if kind == "KEY":
+                if owner is not None and name in owner.keys:
+                    return f"KEYS[{keys.index(f'{owner.name}.{name}') + 1}]"
                 if name not in FRAME_KEYS:
-                    raise LayoutError(f"{where}: KEY.{name} is not one of {FRAME_KEYS}")
+                    raise LayoutError(f"{where}: KEY.{name} is neither its own nor the frame's")
                 return f"KEYS[{FRAME_KEYS.index(name) + 1}]"
             if kind == "FIELD":
                 if name not in own_fields:
@@ -203,6 +223,9 @@ def assemble(frame: str, policies: Sequence[Policy[Any]]) -> Layout:
 
     for policy in policies:  # what a policy declares, it reads
         used = {(m.group(1), m.group(2)) for m in _NAME.finditer(policy.lua)}
+        for name in policy.keys:
+            if ("KEY", name) not in used:
+                raise LayoutError(f"policy {policy.name}: declares KEY.{name}, never reads it")
         for name in policy.fields:
             if ("FIELD", name) not in used:
                 raise LayoutError(f"policy {policy.name}: declares FIELD.{name}, never reads it")
@@ -311,7 +334,7 @@ def assemble(frame: str, policies: Sequence[Policy[Any]]) -> Layout:
     return Layout(
         tuple(policies),
         script,
-        FRAME_KEYS,
+        tuple(keys),
         tuple(args),
         tuple(fields),
         notes,

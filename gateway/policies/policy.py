@@ -9,7 +9,8 @@ A policy owns, in its own module:
   route), ``method_args`` (per route and method), both computed once per route at
   start-up, and ``request_args`` (per request, only on a route where
   ``varies_per_request``);
-- the record fields its fragment reads (``fields``, HMGET names);
+- the record fields its fragment reads (``fields``, HMGET names) and its own Redis names
+  of the key (``keys``, built by ``redis_keys``);
 - its Lua fragment (``lua``), in sections, each starting with a line ``--@<section>``:
   ``state`` (top-level locals its other sections share; what comes before the first
   marker belongs here too), ``prepare`` (runs before any policy's check), ``check`` (may
@@ -36,6 +37,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from gateway.config.model import Route
 from gateway.errors import Outcome
+from gateway.store.names import KeyNames
 
 Side = TypeVar("Side")
 
@@ -67,6 +69,7 @@ class Policy(Generic[Side]):
 
     name: ClassVar[str]  # the fragment's Lua table name, e.g. "rate_limit"
     fields: ClassVar[tuple[str, ...]] = ()  # record fields the fragment reads
+    keys: ClassVar[tuple[str, ...]] = ()  # its own Redis names of the key (KEY.<name>)
     route_arg_names: ClassVar[tuple[str, ...]] = ()  # ARG names, same for a route's requests
     method_arg_names: ClassVar[tuple[str, ...]] = ()  # ARG names, per route and method
     request_arg_names: ClassVar[tuple[str, ...]] = ()  # ARG names, per request
@@ -74,6 +77,11 @@ class Policy(Generic[Side]):
     ok_names: ClassVar[tuple[str, ...]] = ()  # values P.ok() adds to an "ok" reply
     refusals: ClassVar[tuple[tuple[str, int], ...]] = ()  # (status, how many values follow)
     lua: ClassVar[str] = ""
+
+    def redis_keys(self, names: KeyNames, key_id: str, route: str) -> tuple[str, ...]:
+        """The Redis names ``keys`` declares, in that order, for key ``key_id`` on route
+        ``route``: each with the key's hash tag (one script touches one Cluster slot)."""
+        return ()
 
     def route_side(self, route: Route) -> Side:
         """This policy's values for ``route`` (once per route, at start-up or reload)."""

@@ -18,6 +18,7 @@ from gateway.config.model import Route
 from gateway.errors import Outcome
 from gateway.policies.policy import Asked, Policy, Refusal
 from gateway.store.multiplex import reply_text
+from gateway.store.names import KeyNames
 
 
 class RateState(NamedTuple):
@@ -59,9 +60,14 @@ class RateLimitPolicy(Policy[tuple[str, str]]):
 
     name = "rate_limit"
     fields = ("rate_limit",)
+    keys = ("rate", "route_rate")
     route_arg_names = ("requests", "period_ms")
     note_names = ("policy", "current", "retry_after")
     refusals = (("rate_limited", 0),)
+    def redis_keys(self, names: KeyNames, key_id: str, route: str) -> tuple[str, ...]:
+        rate = names.rate(key_id)
+        return (rate, f"{rate}:{route}")
+
     lua = """
 -- GCRA over integer microseconds. A burst of `requests` is allowed, then one per
 -- period/requests; the interval is rounded up, so rounding never admits extra.

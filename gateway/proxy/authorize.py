@@ -44,6 +44,7 @@ HELD = LAYOUT.ok["spend_caps.held"]  # where an "ok" reply holds the reservation
 WRITTEN = LAYOUT.written  # where an "ok" reply says whether a ledger entry was written (1|0)
 _RATE_AT = LAYOUT.notes["rate_limit"].start  # the rate fields, in every reply but a key's
 _REFUSERS = LAYOUT.refusers
+_KEYED = tuple(p for p in LAYOUT.policies if p.keys)  # policies with Redis names of their own
 # A settlement's target: the record, usage prefix, ledger, ledger entries and pending ids
 # of its key.
 SettleKeys = tuple[str, str, str, str, str]
@@ -223,14 +224,16 @@ class KeyAuthorizer:
 
     async def _decide(self, key_id: str, policy: RoutePolicy, args: tuple[Any, ...]) -> Decision:
         names = self.names
-        rate_key = names.rate(key_id)
-        keys = (
+        keys = (  # the frame's names: settle.lua's too (policies/layout.py, FRAME_KEYS)
             names.record(key_id),
             names.usage(key_id, ""),
             names.ledger(key_id),
             names.ledger_entries(key_id),
             names.pending_ids(key_id),
         )
+        script_keys: tuple[str, ...] = keys
+        for keyed in _KEYED:  # the policies' own names, in chain order
+            script_keys += keyed.redis_keys(names, key_id, policy.name)
         entry = args[ENTRY_ARG]
         sent_at = time.perf_counter()
         # This turn's settlements of the key, not sent yet, go with the script (applied
@@ -239,7 +242,7 @@ class KeyAuthorizer:
         try:
             reply = await self.redis.run_script(
                 AUTHORIZE,
-                (keys[0], keys[1], rate_key, f"{rate_key}:{policy.name}", *keys[2:]),
+                script_keys,
                 args if riders is None else (*args, *riders.pairs),
                 # The client left while the script ran: hand back what it reserved.
                 lambda late: self.abandoned(late, keys, entry, policy),

@@ -77,7 +77,9 @@ def test_the_chain_is_unkeys_order_and_the_reply_head_is_fixed() -> None:
     # the workspace budget), the ledger entry's flag right after the notes.
     assert (EXPIRED, HEAD) == (9, 11)
     assert sum(len(p.note_names) for p in AUTHORIZE_POLICIES) + HEAD == WRITTEN
-    assert LAYOUT.keys == FRAME_KEYS
+    # The frame's names first, settle.lua's in its order; then the policies' own.
+    assert LAYOUT.keys == (*FRAME_KEYS, "rate_limit.rate", "rate_limit.route_rate")
+    assert FRAME_KEYS == ("record", "usage", "ledger", "entries", "pending")
 
 
 def test_each_argument_name_is_bound_where_the_layout_puts_it() -> None:
@@ -252,16 +254,7 @@ async def test_a_policy_added_mid_chain_is_bound_and_decoded(
     names = KeyNames(key_prefix)
     issued = await make_key(name="blocked", limit_micro=MICRO, rate_limit=RateLimitSpec(5, 60))
     key_id = issued.record.id
-    rate = names.rate(key_id)
-    keys = [
-        names.record(key_id),
-        names.usage(key_id, ""),
-        rate,
-        f"{rate}:r",
-        names.ledger(key_id),
-        names.ledger_entries(key_id),
-        names.pending_ids(key_id),
-    ]
+    keys = layout.key_names(names, key_id, "r")
     args = layout.pack(
         {
             "digest": issued.record.hash,

@@ -34,8 +34,6 @@ class Ledger:
         return [n.record(k), n.usage(k, ""), n.ledger(k), n.ledger_entries(k)]
 
     async def authorize(self, now_ms: int, entry: str, on_expiry: str = "c") -> list[Any]:
-        record, usage, ledger, entries = self._keys()
-        rate = self.names.rate(self.key_id)
         args = LAYOUT.pack(
             {
                 "digest": self.digest,
@@ -48,10 +46,8 @@ class Ledger:
                 "spend_caps.byok": "0",
             }
         )
-        pending = self.names.pending_ids(self.key_id)
-        reply: list[Any] = await self._authorize(
-            keys=[record, usage, rate, f"{rate}:r", ledger, entries, pending], args=args
-        )
+        keys = LAYOUT.key_names(self.names, self.key_id, "r")
+        reply: list[Any] = await self._authorize(keys=keys, args=args)
         assert reply[0] in ("ok", b"ok"), reply
         return reply
 
@@ -125,7 +121,7 @@ async def test_resolved_entries_are_forgotten_a_day_later(ledger: Ledger, redis:
 async def test_max_in_flight_counts_pending_entries_with_their_lease_running(
     redis: Redis, key_prefix: str, make_key: MakeKey
 ) -> None:
-    """authorize.lua with the pending ids (KEYS[7]) and a key allowed 2 in flight, on a
+    """authorize.lua with the pending ids and a key allowed 2 in flight, on a
     route that charges nothing: each admitted request holds an entry; a third is refused
     while two are pending; a settlement frees a slot; an entry whose lease ended (resolved,
     kept a day for a late settlement) holds none."""
@@ -133,10 +129,8 @@ async def test_max_in_flight_counts_pending_entries_with_their_lease_running(
     names, key_id = KeyNames(key_prefix), issued.record.id
     authorize = redis.register_script(AUTHORIZE.source)
     settle = redis.register_script(script_source("settle"))
-    rate = names.rate(key_id)
-    ledger_keys = [names.ledger(key_id), names.ledger_entries(key_id), names.pending_ids(key_id)]
-    keys = [names.record(key_id), names.usage(key_id, ""), rate, f"{rate}:r", *ledger_keys]
-    settle_keys = [names.record(key_id), names.usage(key_id, ""), *ledger_keys]
+    keys = LAYOUT.key_names(names, key_id, "r")
+    settle_keys = keys[:5]  # the frame's names are settle.lua's
 
     async def admit(now_ms: int, entry: str) -> str:
         args = LAYOUT.pack(
