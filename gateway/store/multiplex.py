@@ -323,6 +323,8 @@ class _Connection(asyncio.Protocol):
                 handler = self._late.take(future) if self._late else None
                 if handler is not None and error is None:
                     handler(reply.result())
+                elif handler is not None and failure is not None:
+                    handler(None)  # the connection failed first: whether it ran is unknown
             elif error is not None:
                 future.set_exception(error)
             else:

@@ -209,15 +209,17 @@ async def test_primary_killed_mid_traffic_recovers_without_restart_and_loses_no_
     assert sentinel_group.role(new) == "master"
 
     # No settled usage lost: every 200 was charged before it was forwarded, and its charge
-    # was on the replica (WAIT) before the proxy acted on it. A 503 may or may not have
-    # been charged: one whose connection died after its script ran (its reply, or WAIT's,
-    # never came) is charged although refused, so the 503s bound the total from above.
+    # was on the replica (WAIT) before the proxy acted on it. No 503 is charged: one whose
+    # connection died after its script ran (its reply, or WAIT's, never came) has its
+    # reservation released (settled at 0, retried until the new primary takes it; a no-op
+    # where the write never reached it). Its use still counts in total_uses.
+    await gateway.proxy.settlements.drain()
     oks, refused = statuses.count(200), statuses.count(503)
     with sentinel_group.client(new) as primary:
         total_micro = int(primary.get(names.usage(key_id, "t")) or 0)
         total_uses = int(primary.hget(names.record(key_id), "total_uses") or 0)
     numbers = {"200": oks, "503": refused, "total_micro": total_micro, "uses": total_uses}
-    assert oks * COST_MICRO <= total_micro <= (oks + refused) * COST_MICRO, numbers
+    assert total_micro == oks * COST_MICRO, numbers
     assert oks <= total_uses <= oks + refused, numbers
     # Tighter: a request is charged and refused only when the connection its script ran on
     # failed before the reply: when the old primary died, or when a reply was overdue
@@ -226,8 +228,6 @@ async def test_primary_killed_mid_traffic_recovers_without_restart_and_loses_no_
     # Later requests failed to connect (not run), or ran on the new primary and got 200.
     failures = 1 + gateway.mux.stats.timeouts
     assert total_uses - oks <= WORKERS * failures, {**numbers, "failures": failures}
-    # Each use is charged once, at the route's fixed cost.
-    assert total_micro == total_uses * COST_MICRO, numbers
 
     # The admin side's key store (redis-py's Sentinel client) follows the failover too,
     # without being rebuilt, and sees the same usage.
