@@ -722,9 +722,17 @@ class SentinelTopology:
         self.node(address).kill()
         return address
 
-    def wait_for_failover(self, old: Address, timeout: float = 30.0) -> Address:
-        """Wait until most sentinels report a primary other than ``old`` that says it is one."""
-        majority = len(self.sentinels) // 2 + 1
+    def wait_for_failover(
+        self, old: Address, timeout: float = 30.0, every_sentinel: bool = False
+    ) -> Address:
+        """Wait until most sentinels (or, with ``every_sentinel``, all of them) report a
+        primary other than ``old`` that says it is one.
+
+        Most is what a client needs to find the new primary. Before ``old`` comes back, wait
+        for every sentinel: one still naming ``old`` would see it answer as a primary again
+        and may point the new primary at it, undoing the failover.
+        """
+        majority = len(self.sentinels) if every_sentinel else len(self.sentinels) // 2 + 1
 
         def check() -> Address:
             seen = self.master_addresses()
