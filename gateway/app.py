@@ -7,7 +7,7 @@ from aiohttp import web
 
 from gateway import listener
 from gateway.config.model import Settings
-from gateway.proxy import steps, workspace
+from gateway.proxy import llm, steps, workspace
 from gateway.proxy.authorize import KeyAuthorizer
 from gateway.proxy.live import LiveProxy
 from gateway.proxy.service import Proxy
@@ -20,6 +20,9 @@ from gateway.store.names import KeyNames
 PROXY_CHAIN: tuple[Step, ...] = (
     steps.match_route,  # 400 bad path, 404 no route, 405 method
     steps.take_credential,  # 401 missing or bad checksum, 400 two different keys
+    # On an LLM route: the JSON body read (400 naming a field, 413), its model priced
+    # (403 unpriced_model), its own reservation worked out (reserve: auto)
+    llm.read_llm_request,
     # ONE Redis call decides: 401 unknown/expired, 403 disabled, insufficient_scope or
     # resource not allowed (a JSON body is read only for a restricted key), 429 rate
     # limited, 402 spending cap reached, 503 store down; and reserves the expected cost

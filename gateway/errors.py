@@ -13,7 +13,7 @@ from typing import Literal
 
 from aiohttp import web
 
-ErrorFormat = Literal["problem", "openai"]
+ErrorFormat = Literal["problem", "openai", "anthropic"]
 PROBLEM_TYPE = "application/problem+json"
 REALM = 'Bearer realm="keygate"'
 
@@ -28,9 +28,11 @@ class Outcome(Enum):
     DISABLED = "disabled"
     FORBIDDEN_SCOPE = "forbidden_scope"
     FORBIDDEN_RESOURCE = "forbidden_resource"
+    UNPRICED_MODEL = "unpriced_model"
     FORBIDDEN = "forbidden"
     RATE_LIMITED = "rate_limited"
     CONCURRENCY_LIMITED = "concurrency_limited"
+    TOKEN_RATE_LIMITED = "token_rate_limited"
     SPEND_LIMITED = "spend_limited"
     STORE_ERROR = "store_error"
     UPSTREAM_ERROR = "upstream_error"
@@ -52,9 +54,11 @@ _STATUS: dict[Outcome, tuple[int, str]] = {
     Outcome.DISABLED: (403, "API key disabled"),
     Outcome.FORBIDDEN_SCOPE: (403, "Insufficient scope"),
     Outcome.FORBIDDEN_RESOURCE: (403, "Resource not allowed"),
+    Outcome.UNPRICED_MODEL: (403, "Model has no price"),
     Outcome.FORBIDDEN: (403, "Forbidden"),
     Outcome.RATE_LIMITED: (429, "Rate limit exceeded"),
     Outcome.CONCURRENCY_LIMITED: (429, "Too many requests in flight"),
+    Outcome.TOKEN_RATE_LIMITED: (429, "Token rate limit exceeded"),
     Outcome.SPEND_LIMITED: (402, "Spending limit reached"),
     Outcome.STORE_ERROR: (503, "Key store unavailable"),
     Outcome.UPSTREAM_ERROR: (502, "Upstream unreachable"),
@@ -67,6 +71,17 @@ _STATUS: dict[Outcome, tuple[int, str]] = {
     Outcome.UNSUPPORTED_MEDIA_TYPE: (415, "Unsupported media type"),
     Outcome.HEADERS_TOO_LARGE: (431, "Request headers too large"),
     Outcome.INTERNAL_ERROR: (500, "Internal error"),
+}
+# Anthropic's error types by status (its API's errors page).
+_ANTHROPIC_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
 }
 _OPENAI_TYPE = {
     401: "authentication_error",
@@ -120,6 +135,17 @@ def problem(
                 "code": outcome.value,
                 **(extra or {}),
             }
+        }
+        content_type = "application/json"
+    elif error_format == "anthropic":
+        body = {
+            "type": "error",
+            "error": {
+                "type": _ANTHROPIC_TYPE.get(status, "api_error"),
+                "message": detail,
+                "code": outcome.value,
+                **(extra or {}),
+            },
         }
         content_type = "application/json"
     else:

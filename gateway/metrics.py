@@ -146,6 +146,13 @@ class Metrics:
             ("resolution",),
             registry=r,
         )
+        self.tokens = Counter(
+            "keygate_tokens",
+            "Tokens of LLM answers, by route, model (a priced model's name; 'other' for "
+            "any other) and kind: input, output, cache_read, cache_write, reasoning.",
+            ("route", "model", "kind"),
+            registry=r,
+        )
         self.client_connections = Gauge(
             "keygate_client_connections",
             "Client connections open, by listener (proxy, admin, metrics).",
@@ -273,6 +280,13 @@ class Metrics:
 
     def _key_children(self, key_id: str, name: str) -> tuple[Any, Any]:
         return self.key_requests.labels(key_id, name), self.key_spend.labels(key_id, name)
+
+    def tokens_used(self, route: str, model: str, counts: dict[str, int]) -> None:
+        """An LLM answer's tokens by kind (input, output, cache_read, cache_write,
+        reasoning); ``model`` is already bounded (a priced model's name, or other)."""
+        for kind, count in counts.items():
+            if count:
+                self.tokens.labels(route, model, kind).inc(count)
 
     def upstream_error(self, upstream: str, kind: str) -> None:
         self.upstream_errors.labels(upstream, kind).inc()

@@ -30,6 +30,7 @@ from gateway.config.load import build
 from gateway.config.model import Route, Upstream
 from gateway.demo.upstream import start_upstream
 from gateway.errors import Outcome
+from gateway.policies.llm_usage import TokenUsage
 from gateway.policies.routing import Match
 from gateway.proxy.access_log import AccessLog
 from gateway.proxy.context import KeyIdentity, RequestContext
@@ -107,6 +108,26 @@ async def test_a_json_line_holds_every_field(
         "upstream_ms": 10.0,
         "total_ms": 12.345,  # truncated to the microsecond
     }
+
+
+async def test_an_llm_answer_adds_its_model_tokens_and_whether_they_were_estimated(
+    aiohttp_client: Client, json_log: AccessLog, out: Path
+) -> None:
+    async def act(request: web.Request) -> None:
+        ctx = _context(request)
+        ctx.usage = TokenUsage("gpt-4o-mini", input=120, output=40, estimated=True)
+        json_log.record(ctx, 200, 0.5, 0.4, 37)
+
+    await _serve(aiohttp_client, act, "/v1/chat", method="POST")
+    json_log.close()
+    [line] = _lines(out)
+    assert (line["cost"], line["model"], line["input_tokens"], line["output_tokens"]) == (
+        0.000037,
+        "gpt-4o-mini",
+        120,
+        40,
+    )
+    assert line["estimated"] is True
 
 
 async def test_a_denied_request_without_route_or_key_has_nulls(

@@ -13,9 +13,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest
+from genai_prices import Usage, calc_price
 
 
 def _free_port() -> int:
@@ -75,6 +77,34 @@ def demo() -> object:
     if process.poll() is None:
         process.kill()
         process.wait()
+
+
+def test_demo_prints_a_bill_by_model_for_its_sample_traffic(demo: object) -> None:
+    _process, output, _ports = demo  # type: ignore[misc]
+    table = output[output.index("by model, at genai-prices' prices:") :]
+    table = table[: table.index("keygate demo is running")]
+    rows = {
+        cells[0]: cells[1:]
+        for cells in (line.split() for line in table.splitlines()[1:])
+        if cells and cells[0] != "model"
+    }
+    assert set(rows) == {"gpt-4o-mini", "gpt-4o", "claude-3-5-haiku-latest", "total"}, table
+    assert [rows[m][0] for m in ("gpt-4o-mini", "gpt-4o", "claude-3-5-haiku-latest")] == [
+        "2",
+        "1",
+        "2",
+    ]
+    # One request of gpt-4o: its row is genai-prices' price of its tokens.
+    inputs, outputs, cost = int(rows["gpt-4o"][1]), int(rows["gpt-4o"][2]), rows["gpt-4o"][3]
+    price = calc_price(
+        Usage(input_tokens=inputs, output_tokens=outputs), "gpt-4o", provider_id="openai"
+    )
+    assert (
+        Decimal(cost)
+        == (price.total_price * 1_000_000).to_integral_value(ROUND_HALF_UP) / 1_000_000
+    )
+    costs = [Decimal(cells[3]) for model, cells in rows.items() if model != "total"]
+    assert sum(costs) == Decimal(rows["total"][0]) and all(c > 0 for c in costs)
 
 
 def test_demo_prints_commands_that_work_as_printed(demo: object) -> None:

@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway import __version__
 from gateway.store.input import fields_for
 from gateway.store.record import KEY_TYPES, PERIODS
+from gateway.store.report import MODEL_PERIODS, MODELS_PER_BUCKET, OTHER_MODEL
 from gateway.usage.history import WINDOW
 
 from .health import OPENAPI_PATHS as HEALTH_PATHS
@@ -23,6 +24,51 @@ _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
 _MONEY = {"type": "number", "minimum": 0}
 _CREDITS = {"type": "number", "description": "Credits (1 credit = 1,000,000 micro-units)."}
 _TIME = {"type": "string", "format": "date-time"}
+# Usage per model (one bucket), and per model for the current day, week and month.
+_MODELS = {"$ref": "#/components/schemas/UsageByModel"}
+_MODEL_PERIODS = {"$ref": "#/components/schemas/UsageByModelNow"}
+
+
+def _models_schema() -> dict[str, Any]:
+    """The usage per model components (keys, their history, workspaces)."""
+    usage = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["cost", "input_tokens", "output_tokens", "requests"],
+        "properties": {
+            "cost": {**_CREDITS, "description": "What its requests cost (actual cost)."},
+            "input_tokens": {"type": "integer", "minimum": 0},
+            "output_tokens": {"type": "integer", "minimum": 0},
+            "requests": {"type": "integer", "minimum": 0},
+        },
+    }
+    return {
+        "UsageByModel": {
+            "type": "object",
+            "description": "Per model the response named: cost, tokens and requests of the "
+            "requests settled with token usage (LLM routes), BYOK included, highest cost "
+            f"first. At most {MODELS_PER_BUCKET} models per key (or workspace) and period; "
+            f"the requests of any further model count under `{OTHER_MODEL}`.",
+            "additionalProperties": usage,
+            "examples": [
+                {
+                    "gpt-4o-mini": {
+                        "cost": 0.0123,
+                        "input_tokens": 1200,
+                        "output_tokens": 300,
+                        "requests": 4,
+                    }
+                }
+            ],
+        },
+        "UsageByModelNow": {
+            "type": "object",
+            "description": "Usage per model in the current UTC day, ISO week and month.",
+            "additionalProperties": False,
+            "required": list(MODEL_PERIODS),
+            "properties": {period: _MODELS for period in MODEL_PERIODS},
+        },
+    }
 
 
 def _derived_schema() -> dict[str, Any]:
@@ -65,6 +111,7 @@ def _derived_schema() -> dict[str, Any]:
                 },
             },
         },
+        "usage_by_model": _MODEL_PERIODS,
         "rate_limit_state": {
             "type": ["object", "null"],
             "description": "The key's own rate limit now; null when it has none.",
@@ -94,6 +141,7 @@ def _usage_history_schema() -> dict[str, Any]:
             "end": {**_TIME, "description": "Exclusive: when the period resets."},
             "usage": _CREDITS,
             "byok_usage": _CREDITS,
+            "models": {**_MODELS, "description": "Present when the period has any."},
         },
     }
 
@@ -181,6 +229,19 @@ def _key_schema(with_secret: bool) -> dict[str, Any]:
             "type": ["integer", "null"],
             "minimum": 1,
             "description": "Requests in flight at once across replicas; null: no limit.",
+        },
+        "token_limits": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["tokens", "period_seconds"],
+                "properties": {
+                    "tokens": {"type": "integer", "minimum": 1},
+                    "period_seconds": {"type": "number", "exclusiveMinimum": 0},
+                },
+            },
+            "description": "LLM tokens (input plus output) per fixed window, on LLM routes.",
         },
         "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
         "imported": {"type": "boolean", "description": "Adopted from an existing secret or hash."},
@@ -371,10 +432,12 @@ def document() -> dict[str, Any]:
                 "get": {
                     "operationId": "getKeyUsage",
                     "summary": "Usage per day, ISO week and month, for charts",
-                    "description": "Credits spent (and BYOK credits) in each of the last "
-                    f"{WINDOW['daily']} UTC days, {WINDOW['weekly']} ISO weeks and "
-                    f"{WINDOW['monthly']} months, oldest first, the current period last; "
-                    "periods without usage are 0. Needs apikeys:view.",
+                    "description": "Credits spent (and BYOK credits), and usage per model, "
+                    f"in each of the last {WINDOW['daily']} UTC days, {WINDOW['weekly']} ISO "
+                    f"weeks and {WINDOW['monthly']} months, oldest first, the current period "
+                    "last; periods without usage are 0. At most "
+                    f"{MODELS_PER_BUCKET} models per period, the rest under `{OTHER_MODEL}`. "
+                    "Needs apikeys:view.",
                     "responses": _responses(
                         {"200": _json("UsageHistory", "The key's usage history.")}, "404"
                     ),
@@ -438,6 +501,7 @@ def document() -> dict[str, Any]:
                     },
                 },
                 **_usage_history_schema(),
+                **_models_schema(),
                 "Problem": {
                     "type": "object",
                     "required": ["type", "title", "status", "detail", "code"],

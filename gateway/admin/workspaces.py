@@ -69,6 +69,7 @@ _BUDGET = {
         "usage",
         "in_flight",
         "reserved",
+        "usage_by_model",
         "updated_at",
         "now",
     ],
@@ -100,6 +101,10 @@ _BUDGET = {
         },
         "in_flight": {"type": "integer", "minimum": 0},
         "reserved": _CREDITS,
+        "usage_by_model": {
+            "$ref": "#/components/schemas/UsageByModelNow",
+            "description": "Per model, the workspace's keys' requests while it had a budget.",
+        },
         "updated_at": {**_TIME, "description": "When the caps were last set; null: never."},
         "now": {"type": "string", "format": "date-time"},
     },

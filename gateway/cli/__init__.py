@@ -19,7 +19,7 @@ from gateway.demo import command as demo
 from gateway.embedded import EmbeddedError
 from gateway.store.connection import describe
 
-from . import keys, workspaces
+from . import keys, prices, workspaces
 from .source import Loaded, load_config, not_found, store_target
 
 CONFIG_HELP = (
@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_check_config)
     keys.add_commands(commands, common)
     workspaces.add_commands(commands, common)
+    prices.add_command(commands, common)
     demo.add_command(commands)
     return parser
 

@@ -245,6 +245,14 @@ def _field_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
         "concurrency_limited beyond); 0 or none: no limit",
     )
     parser.add_argument(
+        "--token-limit",
+        dest="token_limits",
+        action="append",
+        metavar="N/SECONDS",
+        help="LLM tokens (input plus output) per window, e.g. 100000/60 (repeat"
+        + ("; replaces the list; 0 clears it)" if update else ")"),
+    )
+    parser.add_argument(
         "--metadata",
         action="append",
         metavar="K=V",
@@ -314,9 +322,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     listing.add_argument(
         "--status", choices=STATUSES, help="only keys in this state (disabled ones included)"
     )
-    listing.add_argument(
-        "--include-disabled", action="store_true", help="list disabled keys too"
-    )
+    listing.add_argument("--include-disabled", action="store_true", help="list disabled keys too")
     listing.add_argument(
         "--limit", type=int, default=100, help="keys per page, 1 to 1000 (default 100)"
     )
@@ -392,6 +398,8 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
             except ValueError:
                 raise _invalid("--spend-cap: expected AMOUNT/PERIOD, e.g. 50/monthly") from None
         body["spend_caps"] = caps
+    if args.token_limits:
+        body["token_limits"] = _token_limits(args.token_limits)
     if args.metadata:
         pairs = [item.partition("=") for item in args.metadata]
         if any(not sep for _, sep, _ in pairs):
@@ -400,6 +408,22 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
     for name in getattr(args, "clear", []):
         body[name] = None
     return body
+
+
+def _token_limits(raw: list[str]) -> list[dict[str, Any]]:
+    """--token-limit's values as the API takes them; a lone 0 clears the list."""
+    if raw == ["0"]:
+        return []
+    limits = []
+    for item in raw:
+        tokens, _, seconds = item.partition("/")
+        try:
+            limits.append({"tokens": int(tokens), "period_seconds": float(seconds)})
+        except ValueError:
+            raise _invalid(
+                f"--token-limit: expected N/SECONDS, e.g. 100000/60, got {item!r}"
+            ) from None
+    return limits
 
 
 def _max_in_flight(raw: str) -> int | None:
@@ -475,9 +499,41 @@ async def _print(
     if args.json:
         print(json.dumps({**data, "key": secret} if secret else data, indent=2))
         return
+    models = data.pop("usage_by_model", None)
     print(table.record(data))
+    if models and any(models.values()):
+        print(f"\n{models_table(models)}")
     if secret:
         print(f"\nsecret (shown once, store it now): {secret}")
+
+
+_MODEL_HEADINGS = ("PERIOD", "MODEL", "COST", "INPUT_TOKENS", "OUTPUT_TOKENS", "REQUESTS")
+
+
+def models_table(periods: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Usage per model as a table: ``periods`` maps a period's label (``daily``,
+    ``2026-11-22``) to its models as the API shows them (``usage_by_model``, a usage
+    point's ``models``); periods without any are left out."""
+    cells = [list(_MODEL_HEADINGS)]
+    for period, models in periods.items():
+        cells += [
+            [
+                period,
+                model,
+                table.credits(usage["cost"]),
+                str(usage["input_tokens"]),
+                str(usage["output_tokens"]),
+                str(usage["requests"]),
+            ]
+            for model, usage in models.items()
+        ]
+    if len(cells) == 1:
+        return "no usage by model"
+    widths = [max(len(row[i]) for row in cells) for i in range(len(_MODEL_HEADINGS))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
 
 
 def _create(args: argparse.Namespace) -> int:
@@ -603,9 +659,7 @@ def _update(args: argparse.Namespace) -> int:
     if not body and not _adjustments(args):
         raise _invalid("name at least one field to change")
     if args.scopes is not None and (args.add_scopes or args.remove_scopes):
-        raise _invalid(
-            "--scope replaces every scope: give either it or --add-scope/--remove-scope"
-        )
+        raise _invalid("--scope replaces every scope: give either it or --add-scope/--remove-scope")
     if args.resources is not None and (args.add_resources or args.remove_resources):
         raise _invalid(
             "--resource replaces the list: give either it or --add-resource/--remove-resource"
@@ -641,6 +695,15 @@ def _usage(args: argparse.Namespace) -> int:
             print(json.dumps(shown, indent=2))
         else:
             print(table.usage({period: data[period] for period in periods}))
+            # Per model: the periods that have any, oldest first, as the tables above.
+            by_model = {
+                point["period"]: point["models"]
+                for period in periods
+                for point in data[period]
+                if "models" in point
+            }
+            if by_model:
+                print(f"\nby model\n{models_table(by_model)}")
         return 0
 
     return _run(args, action)
@@ -674,9 +737,7 @@ def _revoke(args: argparse.Namespace) -> int:
                 raise CommandError("not revoked", 1, "not_confirmed")
         if not await store.revoke(key_id):
             raise _no_key(args.key_id)
-        print(
-            json.dumps({"id": key_id, "revoked": True}) if args.json else f"revoked {key_id}"
-        )
+        print(json.dumps({"id": key_id, "revoked": True}) if args.json else f"revoked {key_id}")
         return 0
 
     return _run(args, action)

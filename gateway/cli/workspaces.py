@@ -15,7 +15,7 @@ from gateway.store.keystore import KeyStore
 from gateway.store.workspaces import USAGE_PERIODS, parse_budget, valid_workspace_id
 
 from . import table
-from .keys import CommandError, _guarded, _Parser, _run
+from .keys import CommandError, _guarded, _Parser, _run, models_table
 
 SEPARATORS = (":", "/")  # AMOUNT:PERIOD; AMOUNT/PERIOD as `keygate keys --spend-cap` takes
 
@@ -122,3 +122,6 @@ async def _print(args: argparse.Namespace, store: KeyStore, workspace_id: str) -
         "updated_at": data["updated_at"] or "never",
     }
     print(table.record(rows))
+    models = data["usage_by_model"]
+    if any(models.values()):
+        print(f"\n{models_table(models)}")

@@ -39,6 +39,7 @@ from gateway.config.model import (
     KeySettings,
     LogSettings,
     MetricsSettings,
+    ModelPriceOverride,
     RateLimit,
     RedisSettings,
     Reservations,
@@ -214,6 +215,9 @@ _ROUTE_KEYS = (
     "resource",
     "cost",
     "reserve",
+    "reserve_mode",
+    "unpriced_reserve",
+    "max_output_tokens",
     "charge_failed",
     "lease_seconds",
     "on_expiry",
@@ -249,6 +253,35 @@ def _route(
     for key in ("reserve", "charge_failed", "lease_seconds", "on_expiry"):
         if spec.get(key) is not None and spec.get("cost") is None:
             r.fail(f"{path}.{key}", "needs a cost rule: this route charges nothing")
+    cost = _one_of(
+        r,
+        spec,
+        "cost",
+        path,
+        ("fixed", "header", "json", "per_unit", "llm", "provider", "unpriced"),
+        ("fixed", "header", "json", "llm"),
+        _cost,
+    )
+    llm = cost is not None and cost.llm is not None
+    for key in ("reserve_mode", "unpriced_reserve", "max_output_tokens"):
+        if spec.get(key) is not None and not llm:
+            r.fail(f"{path}.{key}", "applies to an LLM route only (cost: {llm: ...})")
+    reserve_auto = spec.get("reserve") == "auto"
+    if reserve_auto and not llm:
+        r.fail(f"{path}.reserve", "auto needs an LLM cost rule (cost: {llm: ...})")
+    allow_unpriced = cost is not None and cost.unpriced == "allow"
+    if allow_unpriced and not reserve_auto and spec.get("reserve") is None:
+        r.fail(
+            f"{path}.reserve",
+            "required with unpriced: allow: a request for a model with no price is "
+            "charged its reservation, never 0 by accident",
+        )
+    if allow_unpriced and reserve_auto and spec.get("unpriced_reserve") is None:
+        r.fail(
+            f"{path}.unpriced_reserve",
+            "required with reserve: auto and unpriced: allow: what a request for a "
+            "model with no price reserves (and is charged)",
+        )
     return Route(
         name=name,
         upstream=upstream,
@@ -267,16 +300,18 @@ def _route(
             ("json", "query", "path_segment"),
             _resource,
         ),
-        cost=_one_of(
-            r,
-            spec,
-            "cost",
-            path,
-            ("fixed", "header", "json", "per_unit"),
-            ("fixed", "header", "json"),
-            _cost,
+        cost=cost,
+        reserve=r.number(spec, "reserve", path, 0.0)
+        if spec.get("reserve") is not None and not reserve_auto
+        else (r.number(spec, "unpriced_reserve", path, 0.0) if reserve_auto else None),
+        reserve_auto=reserve_auto,
+        reserve_mode=cast(
+            Any,
+            r.choice(spec, "reserve_mode", path, ("worst_case", "remaining"), "worst_case"),
         ),
-        reserve=r.number(spec, "reserve", path, 0.0) if spec.get("reserve") is not None else None,
+        max_output_tokens=r.integer(spec, "max_output_tokens", path, 0, low=0)
+        if spec.get("max_output_tokens") is not None
+        else None,
         charge_failed=r.get(spec, "charge_failed", path, bool, False),
         lease_seconds=r.number(spec, "lease_seconds", path, 1.0, open_low=True)
         if spec.get("lease_seconds") is not None
@@ -287,7 +322,7 @@ def _route(
         byok=r.get(spec, "byok", path, bool, False),
         rate_limit=_rate_limit(r, spec, path),
         error_format=cast(
-            Any, r.choice(spec, "error_format", path, ("problem", "openai"), "problem")
+            Any, r.choice(spec, "error_format", path, ("problem", "openai", "anthropic"), "problem")
         ),
         sources=_route_sources(r, spec, path),
         websocket=r.get(spec, "websocket", path, bool, False),
@@ -360,12 +395,59 @@ def _resource(r: Reader, raw: dict[str, Any], path: str) -> ResourceRule:
 
 
 def _cost(r: Reader, raw: dict[str, Any], path: str) -> CostRule:
+    llm = r.choice(raw, "llm", path, ("openai", "anthropic"), "openai") if raw.get("llm") else None
+    if llm is None:
+        for key in ("provider", "unpriced"):
+            if raw.get(key) is not None:
+                r.fail(f"{path}.{key}", "applies to an LLM cost rule only (llm: ...)")
+    elif raw.get("per_unit") is not None:
+        r.fail(f"{path}.per_unit", "an LLM cost rule is priced per model (prices), not per unit")
     return CostRule(
         fixed=r.number(raw, "fixed", path, 0.0) if raw.get("fixed") is not None else None,
         header=r.get(raw, "header", path, str, "") or None,
         json=r.get(raw, "json", path, str, "") or None,
         per_unit=r.number(raw, "per_unit", path, 1.0),
+        llm=cast(Any, llm),
+        provider=r.get(raw, "provider", path, str, "") or None,
+        unpriced=cast(Any, r.choice(raw, "unpriced", path, ("refuse", "allow"), "refuse")),
     )
+
+
+_PRICE_KEYS = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok")
+
+
+def _prices(r: Reader, raw: Mapping[str, Any]) -> dict[str, ModelPriceOverride]:
+    """``prices``: model name -> credits per million tokens; wins over the catalogue."""
+    section = raw.get("prices")
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        r.fail("prices", "must be a mapping of model name to prices")
+        return {}
+    result = {}
+    for model, spec in section.items():
+        where = f"prices.{model}"
+        if not isinstance(model, str) or not model:
+            r.fail(where, "a model name must be a non-empty string")
+            continue
+        if not isinstance(spec, dict):
+            r.fail(where, "must be a mapping (input_mtok, output_mtok, ...)")
+            continue
+        r.unknown(spec, where, _PRICE_KEYS)
+        for key in ("input_mtok", "output_mtok"):
+            if spec.get(key) is None:
+                r.fail(f"{where}.{key}", "required: credits per million tokens")
+
+        def optional(key: str, spec: dict[str, Any] = spec, where: str = where) -> float | None:
+            return r.number(spec, key, where, 0.0) if spec.get(key) is not None else None
+
+        result[model] = ModelPriceOverride(
+            input_mtok=r.number(spec, "input_mtok", where, 0.0),
+            output_mtok=r.number(spec, "output_mtok", where, 0.0),
+            cache_read_mtok=optional("cache_read_mtok"),
+            cache_write_mtok=optional("cache_write_mtok"),
+        )
+    return result
 
 
 def _rate_limit(r: Reader, spec: Mapping[str, Any], path: str) -> RateLimit | None:
@@ -532,6 +614,7 @@ def build(raw: Mapping[str, Any], base: Path) -> Settings:
             "routes",
             *SECTIONS,
             "dialects",
+            "prices",
         ),
     )
     upstreams = _upstreams(r, raw)
@@ -554,6 +637,7 @@ def build(raw: Mapping[str, Any], base: Path) -> Settings:
         upstreams=upstreams,
         routes=_leased(_routes(r, raw, upstreams), upstreams, reservations),
         reservations=reservations,
+        prices=_prices(r, raw),
         dialects=_dialects(r, raw),
         metrics=MetricsSettings(
             r.get(metrics, "per_key", "metrics", bool, False),

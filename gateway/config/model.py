@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 OnError = Literal["fail_closed", "fail_open"]
-ErrorFormat = Literal["problem", "openai"]
+ErrorFormat = Literal["problem", "openai", "anthropic"]
 CREDENTIAL_SOURCES = ("bearer", "api_key_scheme", "x-api-key", "query")
 DEFAULT_SOURCES = ("bearer", "api_key_scheme", "x-api-key")
 DIALECTS = ("langflow", "flowise", "openrouter", "baseten", "konpro")
@@ -82,14 +82,39 @@ class Upstream:
     max_response_headers: int = 100
 
 
+LlmApi = Literal["openai", "anthropic"]
+UnpricedRule = Literal["refuse", "allow"]
+
+
 @dataclass(frozen=True, slots=True)
 class CostRule:
-    """Exactly one of fixed, header or json is set (validated at load)."""
+    """Exactly one of fixed, header, json or llm is set (validated at load).
+
+    ``llm``: the cost is read from an LLM API's usage block (OpenAI's Chat Completions,
+    Completions, Responses and Embeddings formats, or Anthropic's Messages) and priced per
+    model (gateway/policies/prices.py); ``provider`` names the price catalogue's provider
+    (None: found from the model name); ``unpriced``: what a request for a model with no
+    price gets, refused (403 unpriced_model) or allowed and charged its reservation.
+    """
 
     fixed: float | None = None
     header: str | None = None
     json: str | None = None
     per_unit: float = 1.0
+    llm: LlmApi | None = None
+    provider: str | None = None
+    unpriced: UnpricedRule = "refuse"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPriceOverride:
+    """An operator's price for one model, in credits per million tokens (as the catalogue
+    states them); it wins over the catalogue. Cache prices default to the input price."""
+
+    input_mtok: float
+    output_mtok: float
+    cache_read_mtok: float | None = None
+    cache_write_mtok: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +134,9 @@ class RateLimit:
 
 
 OnExpiry = Literal["charge", "refund"]
+# worst_case: admit only what fits whole under every cap; remaining: admit while any room
+# is left and reserve what is left (README, "LLM APIs", says the overshoot bound).
+ReserveMode = Literal["worst_case", "remaining"]
 RESERVATION_LEASE_MARGIN = 30.0  # seconds a lease outlasts its route's total timeout
 
 
@@ -134,6 +162,11 @@ class Route:
     resource: ResourceRule | None = None
     cost: CostRule | None = None
     reserve: float | None = None
+    # reserve: auto (LLM routes): this request's estimate at its model's prices
+    # (gateway/policies/llm_request.py); reserve_mode says what a cap does with it.
+    reserve_auto: bool = False
+    reserve_mode: ReserveMode = "worst_case"
+    max_output_tokens: int | None = None  # the output bound when a request states none
     charge_failed: bool = False
     byok: bool = False
     rate_limit: RateLimit | None = None
@@ -207,3 +240,4 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
     reservations: Reservations = field(default_factory=Reservations)
+    prices: dict[str, ModelPriceOverride] = field(default_factory=dict)  # model -> price

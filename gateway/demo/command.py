@@ -4,6 +4,7 @@ with two keys and copy-paste commands that work as printed."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import socket
 import uuid
@@ -33,10 +34,22 @@ def demo_settings(args: argparse.Namespace, upstream_port: int) -> Settings:
                 "methods": ["POST"],
                 "scopes": ["chat:invoke"],
                 "resource": {"json": "model"},
-                # The sample upstream states each reply's price in X-Usage-Cost.
-                "cost": {"header": "X-Usage-Cost"},
-                "reserve": 0.001,
+                # Priced per model from each answer's usage block (genai-prices), each
+                # request reserving its own worst case.
+                "cost": {"llm": "openai", "provider": "openai"},
+                "reserve": "auto",
+                "max_output_tokens": 256,
                 "error_format": "openai",
+            },
+            {
+                "name": "messages",
+                "path": "/v1/messages",
+                "upstream": "demo",
+                "methods": ["POST"],
+                "scopes": ["chat:invoke"],
+                "resource": {"json": "model"},
+                "cost": {"llm": "anthropic", "provider": "anthropic"},
+                "reserve": "auto",
             },
             {
                 "name": "models",
@@ -62,6 +75,92 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+# The sample traffic the demo sends through itself at start, so its first screen shows a
+# bill by model: (path, body) pairs, streamed and not, over three differently priced models.
+_SAMPLE_TRAFFIC: tuple[tuple[str, dict[str, Any]], ...] = (
+    (
+        "/v1/chat/completions",
+        {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "summarise the quarterly report in one line"}],
+        },
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "model": "gpt-4o-mini",
+            "stream": True,
+            "messages": [{"role": "user", "content": "stream a haiku about rate limits"}],
+        },
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "model": "gpt-4o",
+            "messages": [{"role": "user", "content": "draft a careful reply to an angry customer"}],
+        },
+    ),
+    (
+        "/v1/messages",
+        {
+            "model": "claude-3-5-haiku-latest",
+            "max_tokens": 200,
+            "messages": [{"role": "user", "content": "classify this ticket as billing or support"}],
+        },
+    ),
+    (
+        "/v1/messages",
+        {
+            "model": "claude-3-5-haiku-latest",
+            "max_tokens": 200,
+            "stream": True,
+            "messages": [{"role": "user", "content": "stream three tags for this ticket"}],
+        },
+    ),
+)
+
+
+async def sample_bill(proxy: str, secret: str) -> str:
+    """Send the sample traffic through the proxy with ``secret``, then the key's bill for
+    today by model, as ``GET /v1/key`` reports it (what the demo prints)."""
+    import aiohttp  # loaded only by the demo
+
+    headers = {"Authorization": f"Bearer {secret}"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        for path, body in _SAMPLE_TRAFFIC:
+            async with http.post(proxy + path, json=body, headers=headers) as response:
+                await response.read()
+        # Settlements are written moments after each answer: read once they are in.
+        for _ in range(50):
+            async with http.get(proxy + "/v1/key", headers=headers) as response:
+                data = (await response.json())["data"]
+            models = data["usage_by_model"]["daily"]
+            if sum(m["requests"] for m in models.values()) >= len(_SAMPLE_TRAFFIC):
+                break
+            await asyncio.sleep(0.1)
+    rows = [("model", "requests", "input tokens", "output tokens", "cost (USD)")]
+    for model, used in models.items():
+        rows.append(
+            (
+                model,
+                str(used["requests"]),
+                str(used["input_tokens"]),
+                str(used["output_tokens"]),
+                f"{used['cost']:.6f}",
+            )
+        )
+    total = sum(m["cost"] for m in models.values())
+    rows.append(("total", "", "", "", f"{total:.6f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = [
+        "  "
+        + row[0].ljust(widths[0])
+        + "".join("  " + c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True))
+        for row in rows
+    ]
+    return "\n".join(lines)
 
 
 async def _replace_demo_keys(store: KeyStore) -> tuple[str, str]:
@@ -93,7 +192,7 @@ async def _replace_demo_keys(store: KeyStore) -> tuple[str, str]:
             "workspace_id": "demo",
             "user_id": user,
             "scopes": ("chat:invoke", "echo:read"),
-            "resources": ("gpt-4o-mini",),
+            "resources": ("gpt-4o-mini", "claude-3-5-haiku-latest"),
             "limit_micro": MICRO // 100,  # 0.01 a day: a few hundred demo replies
             "limit_reset": "daily",
             "rate_limit": RateLimitSpec(60, 60),
@@ -117,12 +216,13 @@ def _instructions(proxy: str, admin_url: str, admin: str, user: str) -> str:
     return f"""
 keygate demo is running (Ctrl-C stops everything it started)
 
-  proxy   {proxy}      -> sample upstream (echo + OpenAI-compatible chat)
+  proxy   {proxy}      -> sample upstream (echo, OpenAI and Anthropic formats)
   admin   {admin_url}      key management, /openapi.json
 
   admin key  (scopes *):                                 {admin}
-  user key   (chat:invoke echo:read, model gpt-4o-mini,
-              0.01 a day, 60 requests a minute):          {user}
+  user key   (chat:invoke echo:read, models gpt-4o-mini and
+              claude-3-5-haiku-latest, 0.01 a day,
+              60 requests a minute):                      {user}
 
 Try it:
 
@@ -134,7 +234,7 @@ Try it:
   # 403, this key may not use that model:
   curl -s {proxy}/v1/chat/completions -H 'Authorization: Bearer {user}' \\
        -H 'Content-Type: application/json' -d '{wrong}'
-  # what the user key has spent today, this week and month, and what is left:
+  # what the user key has spent today, this week and month (and by model), what is left:
   curl -s {proxy}/v1/key -H 'Authorization: Bearer {user}'
   # 401, no key:
   curl -s {proxy}/echo/hello
@@ -174,13 +274,16 @@ def run_demo(args: argparse.Namespace) -> int:
 
         async def ready(store: KeyStore) -> None:
             admin, user = await _replace_demo_keys(store)
+            proxy = f"http://127.0.0.1:{args.port}"
+            bill = await sample_bill(proxy, admin)
             print(
-                _instructions(
-                    f"http://127.0.0.1:{args.port}",
-                    f"http://127.0.0.1:{args.admin_port}",
-                    admin,
-                    user,
-                ),
+                "\nSample traffic sent through keygate with the admin key (OpenAI and "
+                "Anthropic formats, streamed and not); its bill for today, by model, at "
+                f"genai-prices' prices:\n\n{bill}",
+                flush=True,
+            )
+            print(
+                _instructions(proxy, f"http://127.0.0.1:{args.admin_port}", admin, user),
                 flush=True,
             )
 

@@ -1,4 +1,4 @@
-"""A sample upstream: a JSON echo service and an OpenAI-compatible chat API.
+"""A sample upstream: a JSON echo service and deterministic OpenAI and Anthropic LLM APIs.
 
 ``keygate demo`` puts the gateway in front of it, and the test-suite uses it as a real
 upstream. Everything it answers is deterministic, so a test can assert on exact bytes:
@@ -7,9 +7,12 @@ upstream. Everything it answers is deterministic, so a test can assert on exact 
   header, body). ``?discard=1`` answers only the body's size and sha256; bodies are read as a
   stream either way, so a very large upload costs no memory.
 - ``/echo/status/{code}``, ``/echo/slow?seconds=S``, ``/echo/stream?chunks=N&interval=S``.
-- ``POST /v1/chat/completions`` (JSON or SSE with ``stream: true``) and ``GET /v1/models``.
-  The reply echoes the last user message; tokens are words; the cost in credits is sent
-  up front in ``X-Usage-Cost`` (``total_tokens * COST_PER_TOKEN``).
+- OpenAI: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/responses`` (JSON or
+  a stream), ``POST /v1/embeddings`` and ``GET /v1/models``; Anthropic: ``POST /v1/messages``.
+  The reply echoes the last user message; tokens are words; usage blocks are the real
+  APIs' (the rules, the test headers and ``expected_usage`` are in
+  ``gateway.demo.llm_usage``). A chat answer also states its cost in credits up front in
+  ``X-Usage-Cost`` (``total_tokens * COST_PER_TOKEN``).
 
 Run it alone with ``python -m gateway.demo.upstream --port 9000``.
 """
@@ -23,8 +26,18 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from gateway.demo.chat import COST_PER_TOKEN, MODELS, STREAM_DELAY, chat_completions, list_models
+from gateway.demo.anthropic_api import messages
+from gateway.demo.chat import (
+    COST_PER_TOKEN,
+    MODELS,
+    STREAM_DELAY,
+    chat_completions,
+    completions,
+    list_models,
+)
 from gateway.demo.echo import ECHO_BODY_LIMIT, echo, echo_slow, echo_status, echo_stream
+from gateway.demo.embeddings import embeddings
+from gateway.demo.responses_api import responses
 
 __all__ = [
     "COST_PER_TOKEN",
@@ -46,6 +59,10 @@ def build_upstream_app() -> web.Application:
     app.router.add_route("*", "/echo", echo)
     app.router.add_route("*", "/echo/{tail:.*}", echo)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/messages", messages)
     app.router.add_get("/v1/models", list_models)
     return app
 
@@ -85,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m gateway.demo.upstream [--host H] [--port P]``; stops on SIGINT/SIGTERM."""
     parser = argparse.ArgumentParser(
         prog="python -m gateway.demo.upstream",
-        description="Serve keygate's sample upstream (JSON echo + OpenAI-compatible chat).",
+        description="Serve keygate's sample upstream (JSON echo, OpenAI and Anthropic APIs).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     parser.add_argument("--port", type=int, default=9000, help="port (0: any free port)")

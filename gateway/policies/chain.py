@@ -15,6 +15,7 @@ from gateway.policies.ratelimit import RateLimitPolicy
 from gateway.policies.resource import ResourcePolicy
 from gateway.policies.scopes import ScopesPolicy
 from gateway.policies.spend import SpendPolicy
+from gateway.policies.tokens import TokenLimitPolicy
 from gateway.store.scripts import frame_source
 
 AUTHORIZE_POLICIES: tuple[Policy[Any], ...] = (
@@ -22,6 +23,7 @@ AUTHORIZE_POLICIES: tuple[Policy[Any], ...] = (
     ResourcePolicy(),  # 403 resource not allowed (need_resource: read the body first)
     RateLimitPolicy(),  # 429 rate_limited, the draft's headers on every response
     ConcurrencyPolicy(),  # 429 concurrency_limited
+    TokenLimitPolicy(),  # 429 token_rate_limited: LLM tokens per window, estimate reserved
     SpendPolicy(),  # 402 spend_limited; reserves the route's reserve
 )
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from decimal import MAX_PREC, ROUND_HALF_UP, Context, Decimal
 
 from gateway.config.model import CostRule
+from gateway.policies.llm_usage import TokenUsage
 from gateway.store.input import MAX_MONEY
 from gateway.store.record import MICRO
 
@@ -36,14 +37,19 @@ _PLAIN = re.compile(r"[ \t]*(\d{1,9})(?:\.(\d{0,6}))?[ \t]*", re.ASCII)
 
 
 class CostMeter:
-    """Per-request cost state; ``result`` is None exactly when ``problem`` says why."""
+    """Per-request cost state; ``result`` is None exactly when ``problem`` says why.
 
-    __slots__ = ("_per_unit", "needs_body", "problem")
+    ``usage``: the tokens the answer used, set by ``result`` on an LLM route (None on
+    other routes, and when the answer told none).
+    """
+
+    __slots__ = ("_per_unit", "needs_body", "problem", "usage")
 
     def __init__(self, per_unit: Decimal) -> None:
         self._per_unit = per_unit
         self.needs_body = False  # may turn False mid-stream; feed stays safe to call
         self.problem: str | None = None
+        self.usage: TokenUsage | None = None
 
     def see_headers(self, status: int, headers: Mapping[str, str]) -> None:
         """Note the upstream response head (headers case-insensitive, as aiohttp gives)."""

@@ -22,6 +22,10 @@ from gateway.policies.spend import SpendSide
 # A route built without the loader (which resolves every route's lease): the default
 # upstream timeout's.
 DEFAULT_LEASE_SECONDS = Timeouts().total + RESERVATION_LEASE_MARGIN
+# Where the policies' part of the arguments holds the spend policy's reserve (the frame's
+# arguments end with the ledger entry's id).
+_RESERVE_AT = authorize_layout().arg("spend_caps.reserve") - authorize_layout().arg("entry") - 1
+_TOKENS_AT = authorize_layout().arg("token_limits.estimate") - authorize_layout().arg("entry") - 1
 # Methods whose script arguments every route computes at start-up.
 STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
@@ -74,15 +78,33 @@ class RoutePolicy:
             reserve=spend.reserve,
             byok=spend.byok,
             charge_failed=route.charge_failed,
-            new_meter=None if route.cost is None else meter_factory(route.cost),
+            # An LLM route's meter needs its request (gateway/proxy/llm.py makes it).
+            new_meter=None
+            if route.cost is None or route.cost.llm is not None
+            else meter_factory(route.cost),
             response_skip=response_skip(route.cost.header if route.cost else None),
             lease_ms=lease_ms,
             on_expiry=on_expiry,
         )
 
-    def args(self, method: str, resource: str | None) -> tuple[str, ...]:
+    def args(
+        self,
+        method: str,
+        resource: str | None,
+        reserve: int | None = None,
+        tokens: int | None = None,
+    ) -> tuple[str, ...]:
         """The policies' script arguments for a request (after the frame's own): computed
-        at start-up but for the per-request ones of a route that names a resource."""
+        at start-up but for the per-request ones of a route that names a resource, and
+        what an LLM request brings of its own: its reservation (``reserve``, micro-units,
+        under reserve: auto) and its token estimate (``tokens``, for token limits)."""
+        if reserve is not None or tokens is not None:
+            found = list(self.args(method, resource))
+            if reserve is not None:
+                found[_RESERVE_AT] = str(reserve)
+            if tokens is not None:
+                found[_TOKENS_AT] = str(tokens)
+            return tuple(found)
         tail = self.by_method.get(method)
         if tail is None:  # a method no route names and HTTP does not define: rare
             layout = authorize_layout()

@@ -24,6 +24,7 @@ from gateway.store.record import MICRO, from_micro, rfc3339
 class SpendSide:
     reserve: str  # micro-units held before forwarding; "" when the route charges nothing
     byok: str  # "1" | "0", as the script takes it
+    mode: str = "w"  # "w" worst_case: the whole reservation fits | "r" remaining
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,18 +36,21 @@ class BlockedCap:
     period: str
     counted_micro: int
     resets_at_ms: int | None  # None: a cap over all time
+    reserved_micro: int | None = None  # what the refused request would have held
 
 
 class SpendPolicy(Policy[SpendSide]):
     name = "spend_caps"
     fields = ("limit_micro", "limit_reset", "include_byok_in_limit", "spend_caps", "cap_base")
-    route_arg_names = ("reserve", "byok")
+    route_arg_names = ("reserve", "byok", "mode")
     ok_names = ("held",)
-    # cap name, amount, period, counted spend, resets_at_ms (0: never)
-    refusals = (("spend_limited", 5),)
+    # cap name, amount, period, counted spend, resets_at_ms (0: never), the reservation
+    refusals = (("spend_limited", 6),)
     lua = """
 -- ARG.reserve: micro-units to hold ('' for a route that charges nothing: caps do not
--- apply to it); ARG.byok: '1' on a BYOK route.
+-- apply to it; the proxy puts a request's own estimate here under reserve: auto);
+-- ARG.byok: '1' on a BYOK route; ARG.mode: 'w' the whole reservation must fit under
+-- every cap, 'r' admit while every cap has room left and hold at most that room.
 local reserve, byok = tonumber(ARG.reserve) or 0, ARG.byok == '1'
 local cap_buckets = nil
 --@check
@@ -54,10 +58,14 @@ local with_byok = FIELD.include_byok_in_limit == '1'
 if ARG.reserve ~= '' and (FIELD.limit_micro or FIELD.spend_caps) and (not byok or with_byok) then
   cap_buckets = buckets_at(now, ARGV, ARG_AT.hint)
   local base = FIELD.cap_base and cjson.decode(FIELD.cap_base) or {} -- [bucket, micro] per cap
-  local blocking = nil
+  local blocking, room = nil, nil
+  local whole = ARG.mode ~= 'r'
   for i, cap in ipairs(caps_of(FIELD.limit_micro, FIELD.limit_reset, FIELD.spend_caps)) do
     local used = counted(KEY.usage, cap, cap_buckets, with_byok, base[i])
-    if used >= cap[2] or used + reserve > cap[2] then
+    if not whole and used < cap[2] and (not room or cap[2] - used < room) then
+      room = cap[2] - used
+    end
+    if used >= cap[2] or (whole and used + reserve > cap[2]) then
       local at = resets_at(cap, cap_buckets)
       -- Report the cap that blocks longest: the request can pass only once it resets.
       if not blocking or at == 0 or (blocking[5] ~= 0 and at > blocking[5]) then
@@ -65,7 +73,11 @@ if ARG.reserve ~= '' and (FIELD.limit_micro or FIELD.spend_caps) and (not byok o
       end
     end
   end
-  if blocking then return refuse('spend_limited', unpack(blocking)) end
+  if blocking then
+    blocking[6] = reserve
+    return refuse('spend_limited', unpack(blocking))
+  end
+  if room and room < reserve then reserve = room end
 end
 --@commit
 if reserve > 0 then
@@ -84,24 +96,31 @@ reserve
         return SpendSide(
             reserve="" if route.cost is None else str(round(reserve * MICRO)),
             byok="1" if route.byok else "0",
+            mode="r" if route.reserve_mode == "remaining" else "w",
         )
 
     def route_args(self, side: SpendSide) -> tuple[str, ...]:
-        return (side.reserve, side.byok)
+        return (side.reserve, side.byok, side.mode)
 
     def decode(self, status: str, notes: Sequence[Any], values: Sequence[Any]) -> BlockedCap:
-        name, amount, period, counted, resets = values
+        name, amount, period, counted, resets, reserved = values
         return BlockedCap(
-            reply_text(name), int(amount), reply_text(period), int(counted), int(resets) or None
+            reply_text(name),
+            int(amount),
+            reply_text(period),
+            int(counted),
+            int(resets) or None,
+            int(reserved),
         )
 
     def refusal(self, status: str, refused: Any, side: SpendSide, asked: Asked) -> Refusal:
-        return spend_refusal(refused, asked.now_ms, int(side.reserve or 0))
+        reserved = refused.reserved_micro
+        return spend_refusal(
+            refused, asked.now_ms, int(side.reserve or 0) if reserved is None else reserved
+        )
 
 
-def spend_refusal(
-    cap: BlockedCap, now_ms: int, reserved: int, whose: str = "the key's"
-) -> Refusal:
+def spend_refusal(cap: BlockedCap, now_ms: int, reserved: int, whose: str = "the key's") -> Refusal:
     """402 naming the cap: its amount, what is used, what this request reserves (the
     route's reserve) and when it resets; Retry-After until then. A cap is either used up
     or has room, but not for this request's reservation: the detail says which.

@@ -100,7 +100,7 @@ class AccessLog:
                 f'"key_id":{_json_text(key.id if key else None)},'
                 f'"workspace":{_json_text(key.workspace_id if key else None)},'
                 f'"cost":{cost or "null"},"upstream_ms":{upstream_ms or "null"},'
-                f'"total_ms":{total_ms}}}\n'
+                f'"total_ms":{total_ms}{_json_tokens(ctx)}}}\n'
             )
         else:
             target = path + "?" + query if query else path
@@ -109,7 +109,7 @@ class AccessLog:
                 f"{_plain(target)} route={_plain(route)} key={_plain(key.id if key else None)} "
                 f"workspace={_plain(key.workspace_id if key else None)} "
                 f"cost={_plain(cost)} upstream_ms={_plain(upstream_ms)} "
-                f"total_ms={total_ms} request_id={_plain(ctx.request_id)}\n"
+                f"total_ms={total_ms} request_id={_plain(ctx.request_id)}{_text_tokens(ctx)}\n"
             )
         self._lines.append(line)
 
@@ -154,6 +154,29 @@ class AccessLog:
             if decoded == name:
                 parts[i] = f"{raw_name}={REDACTED}" if has_value else raw_name
         return "&".join(parts)
+
+
+def _json_tokens(ctx: RequestContext) -> str:
+    """An LLM answer's members of a JSON line ("" for any other request): its model,
+    tokens, and whether they were estimated from a cut stream's text."""
+    usage = ctx.usage
+    if usage is None:
+        return ""
+    return (
+        f',"model":{_quote(usage.model)},"input_tokens":{usage.input},'
+        f'"output_tokens":{usage.output},"estimated":{"true" if usage.estimated else "false"}'
+    )
+
+
+def _text_tokens(ctx: RequestContext) -> str:
+    usage = ctx.usage
+    if usage is None:
+        return ""
+    estimated = " estimated" if usage.estimated else ""
+    return (
+        f" model={_plain(usage.model)} input_tokens={usage.input} "
+        f"output_tokens={usage.output}{estimated}"
+    )
 
 
 def _json_text(value: str | None) -> str:

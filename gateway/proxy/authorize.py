@@ -53,7 +53,7 @@ SettleKeys = tuple[str, str, str, str, str]
 class Riders(Protocol):
     """Settlements that ride along with an authorization (proxy/settle.py makes them)."""
 
-    pairs: list[Any]  # request id, actual cost (micro), ...
+    triples: list[Any]  # request id, actual cost (micro), usage note, ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,21 +154,29 @@ class KeyAuthorizer:
         # and restarts (a random prefix per authorizer, made in the process that serves).
         self._entry_prefix = secrets.token_hex(8)
         self._entry_ids = itertools.count()
-        # Given a key's names: the (request id, actual cost) pairs of its settlements
-        # waiting in this turn, taken to ride along with its authorization (or None); and
-        # where they go back when that call fails. Replaced by the settlements.
+        # Given a key's names: the (request id, actual cost, usage note) triples of its
+        # settlements waiting in this turn, taken to ride along with its authorization (or
+        # None); and where they go back when that call fails. Replaced by the settlements.
         self.ride_along: Callable[[SettleKeys], Riders | None] = _no_riders
         self.riders_back: Callable[[Riders], None] = _drop_riders
         # Given each authorize script call's duration in seconds (metrics); replaced by Proxy.
         self.timed: Callable[[float], None] = _discard
 
     async def authorize(
-        self, secret: str, policy: RoutePolicy, method: str, resource: str | None = None
+        self,
+        secret: str,
+        policy: RoutePolicy,
+        method: str,
+        resource: str | None = None,
+        reserve: int | None = None,
+        tokens: int | None = None,
     ) -> Decision:
         """Decide for a presented secret on a route: every check and, when all pass, the
         reservation, in one script. ``resource`` is the request's resource when the route
         names one and it has been read ("" when the request names none); None when it has
         not been read, and then a key restricted to resources gets ``need_resource``.
+        ``reserve``: this request's own reservation in micro-units (reserve: auto), instead
+        of the route's; ``tokens``: its token estimate (an LLM request), for token limits.
 
         Raises Redis errors (the caller fails closed or open as configured)."""
         digest = hashlib.sha256(secret.encode()).hexdigest()
@@ -187,7 +195,7 @@ class KeyAuthorizer:
             # The ledger entry's id, for a route that charges or a key with max_in_flight
             # (the script decides): settle.lua finds it by this id.
             f"{self._entry_prefix}{next(self._entry_ids):x}",
-            *policy.args(method, resource),
+            *policy.args(method, resource, reserve, tokens),
         )
         if key_id is not None:
             decision = await self._decide(key_id, policy, args)
@@ -243,7 +251,7 @@ class KeyAuthorizer:
             reply = await self.redis.run_script(
                 AUTHORIZE,
                 script_keys,
-                args if riders is None else (*args, *riders.pairs),
+                args if riders is None else (*args, *riders.triples),
                 # The client left while the script ran: hand back what it reserved.
                 lambda late: self.abandoned(late, keys, entry, policy),
             )

@@ -14,6 +14,8 @@ from gateway.policies.routing import Match
 if TYPE_CHECKING:
     from gateway.policies.limits import RoutePolicy
     from gateway.proxy.authorize import Decision
+    from gateway.policies.llm_usage import TokenUsage
+    from gateway.proxy.llm import LlmExchange
     from gateway.proxy.workspace import WorkspaceHold
 
 
@@ -47,7 +49,9 @@ class RequestContext:
     policy: RoutePolicy | None = None
     decision: Decision | None = None  # the authorize script's "ok": what it held, rate state
     workspace: WorkspaceHold | None = None  # its workspace's reservation (proxy/workspace.py)
-    body: bytes | None = None  # read only when a rule needs it (resource from JSON)
+    body: bytes | None = None  # read only when a rule needs it (resource from JSON, LLM)
+    llm: LlmExchange | None = None  # an LLM route's request (gateway/proxy/llm.py)
+    usage: TokenUsage | None = None  # an LLM answer's tokens, once settled
     outcome: Outcome = Outcome.OK
     upstream_status: int | None = None  # set when the upstream answered
     responded: bool = False  # the client has the status line: the upstream's work is used

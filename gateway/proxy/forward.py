@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus
 
@@ -14,6 +15,7 @@ from yarl import URL
 
 from gateway.errors import Outcome
 from gateway.policies import ratelimit
+from gateway.policies.dropped_headers import ALWAYS_REPLACED
 from gateway.proxy.context import RequestContext
 from gateway.proxy.headers import client_response_headers, upstream_request_headers
 from gateway.proxy.paths import encode
@@ -26,6 +28,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("keygate.proxy")
 CHUNK = 65_536
+
+
+_LENGTH = ("Content-Length",)
+
+
+def _is_event_stream(headers: Mapping[str, str]) -> bool:
+    media = headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    return media == "text/event-stream"
 
 
 def upstream_target(ctx: RequestContext, hide_query: str | None) -> str:
@@ -62,7 +72,8 @@ async def forward(proxy: Proxy, ctx: RequestContext, meter: CostMeter | None) ->
     request = ctx.request
     headers = upstream_request_headers(
         request.headers,
-        drop=ctx.credential_headers,
+        # A body read here is sent whole (perhaps rewritten): its own length, not the client's.
+        drop=ctx.credential_headers if ctx.body is None else (*ctx.credential_headers, *_LENGTH),
         key=ctx.key,
         request_id_value=ctx.request_id,
         client_ip=request.remote,
@@ -95,6 +106,11 @@ async def forward(proxy: Proxy, ctx: RequestContext, meter: CostMeter | None) ->
                 meter.see_headers(upstream.status, upstream.headers)
                 feed = meter.feed if meter.needs_body else None
             skip = ctx.policy.response_skip if ctx.policy is not None else frozenset()
+            strip = None
+            if ctx.llm is not None and _is_event_stream(upstream.headers):
+                strip = ctx.llm.response_filter()  # the usage event the client did not ask for
+                if strip is not None:
+                    skip = (skip or ALWAYS_REPLACED) | {"content-length"}
             headers = client_response_headers(upstream.headers, ctx.request_id, skip)
             if ctx.decision is not None and ctx.decision.rate is not None:
                 headers.extend(ratelimit.headers(ctx.decision.rate))
@@ -107,10 +123,15 @@ async def forward(proxy: Proxy, ctx: RequestContext, meter: CostMeter | None) ->
             exchange.touch()
             async for chunk in upstream.iter_any():
                 exchange.pause()
-                await response.write(chunk)  # each chunk as it comes: SSE stays live
+                if strip is None:
+                    await response.write(chunk)  # each chunk as it comes: SSE stays live
+                elif shown := strip.feed(chunk):  # every complete event at once
+                    await response.write(shown)
                 if feed is not None:
-                    feed(chunk)
+                    feed(chunk)  # the meter reads the upstream's bytes, usage event included
                 exchange.touch()
+            if strip is not None and (tail := strip.flush()):
+                await response.write(tail)
             await response.write_eof()
             return response
     except asyncio.CancelledError:

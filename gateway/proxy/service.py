@@ -17,9 +17,12 @@ from gateway.dialects import mount as dialects
 from gateway.dialects.mount import DialectRouter, registry
 from gateway.errors import Outcome
 from gateway.listener import unanswered_status
-from gateway.metrics import OWN_KEY, Metrics
+from gateway.metrics import OTHER, OWN_KEY, Metrics
 from gateway.policies import ratelimit
+from gateway.policies.cost import CostMeter
 from gateway.policies.limits import RoutePolicy
+from gateway.policies.llm_usage import TokenUsage
+from gateway.policies.prices import PriceBook
 from gateway.policies.routing import Router
 from gateway.proxy.access_log import AccessLog
 from gateway.proxy.authorize import KeyAuthorizer
@@ -148,6 +151,7 @@ class Proxy:
             settlements=self.settlements,
             metrics=self.metrics,
             store_down=self.store_down,
+            prices=PriceBook(settings.prices),
         )
 
     def successor(self, settings: Settings) -> Proxy:
@@ -269,7 +273,7 @@ class Proxy:
                 response.headers[REQUEST_ID] = ctx.request_id
                 return response
         decision = ctx.decision  # None when let through on a store error (fail_open)
-        meter = None if decision is None or ctx.policy is None else ctx.policy.meter()
+        meter = None if decision is None or ctx.policy is None else self._meter(ctx)
         try:
             # Authorised: a client holding its body back sends it. Inside the try: a client
             # that leaves here still has its reservation settled (refunded), not leased.
@@ -281,11 +285,38 @@ class Proxy:
         finally:
             if decision is not None:  # also when the client left
                 ctx.charged = self.settlements.settle(ctx, decision, meter)
+                if meter is not None and meter.usage is not None:
+                    ctx.usage = meter.usage
+                    self._count_tokens(ctx, meter.usage)
         if not response.prepared:  # a 502/504 problem; streamed answers carry these already
             response.headers[REQUEST_ID] = ctx.request_id
             if decision is not None and decision.rate is not None:
                 response.headers.extend(ratelimit.headers(decision.rate))
         return response
+
+    def _meter(self, ctx: RequestContext) -> CostMeter | None:
+        """A fresh meter of this request's cost (an LLM route's reads its request)."""
+        assert ctx.policy is not None
+        if ctx.llm is not None and ctx.match is not None and ctx.match.route.cost is not None:
+            return ctx.llm.meter(self.deps.prices, ctx.match.route.cost)
+        return ctx.policy.meter()
+
+    def _count_tokens(self, ctx: RequestContext, usage: TokenUsage) -> None:
+        """keygate_tokens_total; the model label is bounded by the priced models."""
+        assert ctx.match is not None
+        rule = ctx.match.route.cost
+        priced = rule is not None and self.deps.prices.price_of(usage.model, rule.provider)
+        self.metrics.tokens_used(
+            ctx.match.route.name,
+            usage.model if priced else OTHER,
+            {
+                "input": usage.input,
+                "output": usage.output,
+                "cache_read": usage.cache_read,
+                "cache_write": usage.cache_write,
+                "reasoning": usage.reasoning,
+            },
+        )
 
 
 _OUTCOME_OF_STATUS = {

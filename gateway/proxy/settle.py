@@ -12,6 +12,10 @@ sent) be sent again: it is retried through a Redis outage until its lease has en
 a margin); after that the ledger has resolved the reservation (reservations.on_expiry),
 and a settlement that still lands makes the charge the actual cost, once.
 
+A settlement also carries its request's token usage as a note (``usage_note``): settle.lua
+adds it to the usage per model of the entry's key (or workspace) when it removes the entry,
+so once too, a late settlement included.
+
 A settlement is queued into the multiplexer's batch of the current event-loop turn, with
 no task and no await in the request's path: the same coalescing as the authorization. The
 settlements of one key within one turn go in one script call. It outlives its request (a
@@ -21,6 +25,7 @@ client that leaves does not cancel it), and ``drain`` waits for every one on shu
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -29,6 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from redis.exceptions import NoScriptError
 
+from gateway.policies.llm_usage import TokenUsage
 from gateway.proxy.authorize import EXPIRED, SETTLE, WRITTEN, Riders, SettleKeys
 from gateway.proxy.context import RequestContext
 from gateway.store.connection import STORE_ERRORS
@@ -49,6 +55,30 @@ RETRY_MARGIN_S = 30.0
 DRAIN_RETRY_S = 5.0
 _BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0)
 _PER_CALL = 200  # settlements per script call at most (a script's argument list is bounded)
+_STRIDE = 3  # a settlement's arguments: ledger entry id, actual cost (micro), usage note
+# A model's name in a usage note at most (bytes of UTF-8): names are short; a longer one is
+# an upstream's mistake and must not grow the usage per model without bound.
+MAX_MODEL_BYTES = 128
+# The model of a usage that names none.
+UNNAMED_MODEL = "unknown"
+
+
+def usage_note(usage: TokenUsage | None) -> str:
+    """What a settlement says of its request's token usage (lib.lua's apply_settlements):
+    "" for none (a route that is not an LLM API's, or an answer that told no usage), else
+    ``"<model>\t<input tokens>\t<output tokens>"``. The model's name is made to parse:
+    control characters (tab, newline) become spaces, it is clipped to MAX_MODEL_BYTES bytes
+    of UTF-8 (whole characters), and an empty name is UNNAMED_MODEL."""
+    if usage is None:
+        return ""
+    return f"{_model_name(usage.model)}\t{max(0, usage.input)}\t{max(0, usage.output)}"
+
+
+@functools.lru_cache(maxsize=1024)  # a gateway sees a few models, again and again
+def _model_name(model: str) -> str:
+    cleaned = "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in model)
+    clipped = cleaned.encode()[:MAX_MODEL_BYTES].decode(errors="ignore").strip()
+    return clipped or UNNAMED_MODEL
 
 
 def charge(ctx: RequestContext, decision: Decision, meter: CostMeter | None) -> int:
@@ -60,7 +90,7 @@ def charge(ctx: RequestContext, decision: Decision, meter: CostMeter | None) -> 
         return 0
     if meter is None:
         return 0
-    cost = meter.result()
+    cost = meter.result()  # sets meter.usage: read by Settlements.settle, not computed again
     if cost is None:
         if status is not None:
             log.warning(
@@ -69,6 +99,9 @@ def charge(ctx: RequestContext, decision: Decision, meter: CostMeter | None) -> 
                 meter.problem or "no value",
             )
         return decision.held_micro
+    if meter.usage is not None and meter.usage.estimated:
+        # Counted from a cut stream's text: an estimate is never more than the reservation.
+        return min(cost, decision.held_micro)
     return cost
 
 
@@ -77,12 +110,12 @@ class _Call:
     """One settle.lua call: a key's settlements of one loop turn."""
 
     keys: SettleKeys
-    pairs: list[Any]  # request id, actual cost (micro), ...
+    triples: list[Any]  # request id, actual cost (micro), usage note, ...
     deadline: float  # time.time() after which a failed call is given up
     sent_at: float | None = None  # perf_counter when first sent (None: a retry's)
 
     def args(self, clock: str) -> tuple[Any, ...]:
-        return (clock, *self.pairs)
+        return (clock, *self.triples)
 
     def command(self, clock: str) -> tuple[Any, ...]:
         return ("EVALSHA", SETTLE.sha, len(self.keys), *self.keys, *self.args(clock))
@@ -107,15 +140,17 @@ class Settlements:
     def settle(self, ctx: RequestContext, decision: Decision, meter: CostMeter | None) -> int:
         """Queue this request's settlement (every request with a ledger entry has one, an
         exact reservation included: it removes the entry); what the request cost, in
-        micro-units."""
+        micro-units. The settlement carries the token usage ``meter`` read (``usage_note``)."""
         charged = charge(ctx, decision, meter)
+        note = "" if meter is None else usage_note(meter.usage)
         if decision.entry:
             assert ctx.policy is not None  # charge() asserts it too
-            self.queue(decision.settle_keys, decision.entry, charged, int(ctx.policy.lease_ms))
+            lease = int(ctx.policy.lease_ms)
+            self.queue(decision.settle_keys, decision.entry, charged, lease, note)
         if ctx.workspace is not None:  # the same actual cost on the workspace's entry, once
             assert ctx.policy is not None
             hold = ctx.workspace
-            self.queue(hold.keys, hold.entry, charged, int(ctx.policy.lease_ms))
+            self.queue(hold.keys, hold.entry, charged, int(ctx.policy.lease_ms), note)
         return charged
 
     def release(
@@ -143,22 +178,25 @@ class Settlements:
         if refunded:
             self.metrics.reservations_expired.labels("refund").inc(refunded)
 
-    def queue(self, keys: SettleKeys, entry: str, actual: int, lease_ms: int) -> None:
+    def queue(
+        self, keys: SettleKeys, entry: str, actual: int, lease_ms: int, usage: str = ""
+    ) -> None:
         """Settle ledger entry ``entry`` of ``keys`` (a key's, or a workspace's) at
-        ``actual`` micro-units: batched with the turn's other settlements of the same keys,
+        ``actual`` micro-units, with ``usage`` (a ``usage_note``; "" for none) added to the
+        usage per model: batched with the turn's other settlements of the same keys,
         retried until ``lease_ms`` after now (plus a margin) if its fate is unknown."""
         # The lease is counted from the authorization, by the Redis server's clock (or a
         # test's); from now by this host's is later, never earlier.
         deadline = time.time() + lease_ms / 1000 + RETRY_MARGIN_S
         call = self._turn.get(keys)
-        if call is None or len(call.pairs) >= 2 * _PER_CALL:
+        if call is None or len(call.triples) >= _STRIDE * _PER_CALL:
             if call is not None:  # full: sent now, a new one for the rest of the turn
                 self._send(call)
-            self._turn[keys] = _Call(keys, [entry, actual], deadline)
+            self._turn[keys] = _Call(keys, [entry, actual, usage], deadline)
             if self._flush_handle is None:
                 self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
         else:
-            call.pairs += (entry, actual)
+            call.triples += (entry, actual, usage)
             call.deadline = max(call.deadline, deadline)
 
     def _ride_along(self, keys: SettleKeys) -> _Call | None:
@@ -241,7 +279,7 @@ class Settlements:
         return draining is None or time.monotonic() - draining < DRAIN_RETRY_S
 
     def _lost(self, call: _Call, error: BaseException | None) -> None:
-        count = len(call.pairs) // 2
+        count = len(call.triples) // _STRIDE
         self.failed += count
         self.metrics.settlements_lost.inc(count)
         log.error(

@@ -20,6 +20,7 @@ from gateway.metrics import Metrics
 from gateway.policies import ratelimit
 from gateway.policies.limits import RoutePolicy
 from gateway.policies.policy import Asked, Refusal
+from gateway.policies.prices import PriceBook
 from gateway.policies.resource import NEED_RESOURCE
 from gateway.policies.routing import MethodNotAllowed, Router
 from gateway.proxy.authorize import LAYOUT, Decision, KeyAuthorizer
@@ -78,6 +79,7 @@ class StepDeps:
     settlements: Settlements  # a step that reserves more hands back through these
     metrics: Metrics
     store_down: ThrottledWarning  # the log line of requests refused by a store error
+    prices: PriceBook  # LLM routes' model prices: the catalogue and the config's overrides
 
 
 Step = Callable[[StepDeps, RequestContext], Awaitable[web.StreamResponse | None]]
@@ -173,16 +175,21 @@ async def authorize_key(deps: StepDeps, ctx: RequestContext) -> web.StreamRespon
     assert ctx.secret is not None and ctx.match is not None
     policy = ctx.policy = deps.policies[ctx.match.route.name]
     authorizer = deps.authorizer
+    # An LLM request's own: reserve: auto's worst case, and its token estimate.
+    reserve, tokens = (ctx.llm.reserve, ctx.llm.tokens) if ctx.llm is not None else (None, None)
     try:
         resource = _resource_without_body(ctx)
         if isinstance(resource, web.StreamResponse):
             return resource
-        decision = await authorizer.authorize(ctx.secret, policy, ctx.request.method, resource)
+        method = ctx.request.method
+        decision = await authorizer.authorize(ctx.secret, policy, method, resource, reserve, tokens)
         if decision.status == NEED_RESOURCE:  # a restricted key: the body names it
             resource = await _resource_from_body(ctx)
             if isinstance(resource, web.StreamResponse):
                 return resource
-            decision = await authorizer.authorize(ctx.secret, policy, ctx.request.method, resource)
+            decision = await authorizer.authorize(
+                ctx.secret, policy, method, resource, reserve, tokens
+            )
     except STORE_ERRORS as exc:
         metrics = deps.metrics
         metrics.redis_errors.labels("authorize").inc()
@@ -253,10 +260,15 @@ async def _resource_from_body(ctx: RequestContext) -> str | web.Response:
     assert rule.json is not None
     await send_continue(ctx.request)  # the key is known and restricted: its body decides
     try:
-        body = await read_capped(ctx.request.content, rule.max_body_bytes)
+        # An LLM route has read it already (gateway/proxy/llm.py).
+        body = (
+            ctx.body
+            if ctx.body is not None
+            else await read_capped(ctx.request.content, rule.max_body_bytes)
+        )
     except ClientLeft:  # not a store error: nothing to count as one, nothing to let through
         return deny(ctx, Outcome.INVALID_REQUEST, "the body ended before its announced length")
-    if body is None:
+    if body is None or len(body) > rule.max_body_bytes:
         return deny(
             ctx,
             Outcome.PAYLOAD_TOO_LARGE,

@@ -16,7 +16,14 @@ from datetime import datetime
 from typing import Any, Literal
 
 from gateway.scope_rule import SCOPE_PATTERN, parse_scope
-from gateway.store.record import KEY_TYPES, MICRO, PERIODS, RateLimitSpec, SpendCap
+from gateway.store.record import (
+    KEY_TYPES,
+    MICRO,
+    PERIODS,
+    RateLimitSpec,
+    SpendCap,
+    TokenLimitSpec,
+)
 from gateway.store.secrets import has_bad_checksum
 
 Mode = Literal["create", "import", "update"]
@@ -204,6 +211,36 @@ def _rate_limit(value: Any, _now: int) -> RateLimitSpec:
 
 
 MAX_IN_FLIGHT = 1_000_000
+MAX_TOKENS_PER_WINDOW = 1_000_000_000_000  # exact in the script's doubles, far past any use
+MAX_TOKEN_LIMITS = 4
+
+
+def _token_limits(value: Any, _now: int) -> tuple[TokenLimitSpec, ...]:
+    if not isinstance(value, list):
+        raise ValueError("must be a list of {tokens, period_seconds}")
+    if len(value) > MAX_TOKEN_LIMITS:
+        raise ValueError(f"must have at most {MAX_TOKEN_LIMITS} limits")
+    limits = []
+    for i, limit in enumerate(value):
+        if not isinstance(limit, dict) or set(limit) != {"tokens", "period_seconds"}:
+            raise ValueError(f"item {i} must be an object with exactly tokens and period_seconds")
+        tokens = limit["tokens"]
+        if (
+            isinstance(tokens, bool)
+            or not isinstance(tokens, int)
+            or not 1 <= tokens <= MAX_TOKENS_PER_WINDOW
+        ):
+            raise ValueError(
+                f"item {i} tokens must be an integer from 1 to {MAX_TOKENS_PER_WINDOW}"
+            )
+        try:
+            period = _number(limit["period_seconds"], high=31_622_400, open_low=True)
+        except ValueError as exc:
+            raise ValueError(f"item {i} period_seconds {exc}") from None
+        if period < 0.001:
+            raise ValueError(f"item {i} period_seconds must be at least 0.001")
+        limits.append(TokenLimitSpec(tokens, period))
+    return tuple(limits)
 
 
 def _max_in_flight(value: Any, _now: int) -> int:
@@ -359,6 +396,30 @@ FIELDS: tuple[FieldSpec, ...] = (
         "Requests of this key in flight at once, on every replica together; one more is "
         "refused (429 concurrency_limited). null: no limit.",
         nullable=True,
+    ),
+    FieldSpec(
+        "token_limits",
+        "token_limits",
+        {
+            "type": "array",
+            "maxItems": MAX_TOKEN_LIMITS,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["tokens", "period_seconds"],
+                "properties": {
+                    "tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS_PER_WINDOW},
+                    "period_seconds": {
+                        "type": "number",
+                        "minimum": 0.001,
+                        "maximum": 31_622_400,
+                    },
+                },
+            },
+        },
+        _token_limits,
+        "LLM tokens (input plus output) per fixed window of period_seconds, on LLM routes; "
+        "every limit must hold (429 token_rate_limited). [] : none.",
     ),
     FieldSpec(
         "metadata",

@@ -106,7 +106,8 @@ class KeyStore:
             entry = raw.decode() if isinstance(raw, bytes) else str(raw)
             if not entry.startswith("p:"):
                 continue  # resolved at its lease end, kept for a late settlement
-            _, amount, _, _, _, lease_end = entry.split(":")
+            # p:amount:at:byok:rule:lease_end[:token estimate] (authorize.lua)
+            _, amount, _, _, _, lease_end = entry.split(":")[:6]
             if int(lease_end) > now:
                 count += 1
                 reserved += int(amount)
@@ -273,7 +274,12 @@ class KeyStore:
 
         Changing a spending cap re-bases the caps in the same script (see update.lua)."""
         to_set = encode_fields(values)
-        to_clear = [name for name, value in values.items() if value is None]
+        # None clears a field; so does an empty token_limits (the script tests presence).
+        to_clear = [
+            name
+            for name, value in values.items()
+            if value is None or (name == "token_limits" and not value)
+        ]
         reply = await self.scripts.update(
             keys=[self.names.record(key_id), self.names.usage(key_id, "")],
             args=[

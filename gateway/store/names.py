@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What follows a usage prefix in the name of a per-model usage bucket (kg:u:{<id>}:models:
+# d:20261122); lib.lua's MODEL_BUCKETS is the same text.
+MODEL_BUCKETS = "models:"
+
 
 @dataclass(frozen=True, slots=True)
 class KeyNames:
@@ -25,9 +29,19 @@ class KeyNames:
         """Int string: usage in micro-units for a bucket such as ``d:20261122`` or ``t``."""
         return f"{self.prefix}u:{{{key_id}}}:{bucket}"
 
+    def model_usage(self, key_id: str, bucket: str) -> str:
+        """Hash: usage per model in a bucket such as ``d:20261122`` (lib.lua's
+        add_model_usage says the format). lib.lua builds the name from the usage prefix
+        (``usage(key_id, "")`` + MODEL_BUCKETS + bucket): the same hash tag, one slot."""
+        return self.usage(key_id, MODEL_BUCKETS + bucket)
+
     def rate(self, key_id: str) -> str:
         """String: GCRA theoretical arrival time."""
         return f"{self.prefix}r:{{{key_id}}}"
+
+    def tokens(self, key_id: str) -> str:
+        """Hash: the token limits' windows, w<i> (window number) and u<i> (tokens used)."""
+        return f"{self.prefix}tk:{{{key_id}}}"
 
     def ledger(self, key_id: str) -> str:
         """Sorted set: the reservation ledger's request ids, scored by when something is due
@@ -54,6 +68,10 @@ class KeyNames:
     def workspace_usage(self, workspace_id: str, bucket: str) -> str:
         """Int string: the workspace's usage in micro-units for a bucket (as ``usage``)."""
         return f"{self.prefix}wu:{{w:{workspace_id}}}:{bucket}"
+
+    def workspace_model_usage(self, workspace_id: str, bucket: str) -> str:
+        """Hash: the workspace's usage per model in a bucket (as ``model_usage``)."""
+        return self.workspace_usage(workspace_id, MODEL_BUCKETS + bucket)
 
     def workspace_ledger(self, workspace_id: str) -> str:
         """Sorted set: the workspace's reservation ledger (as ``ledger``)."""

@@ -36,6 +36,14 @@ class RateLimitSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLimitSpec:
+    """LLM tokens (input plus output) a key may use per fixed window of ``period_seconds``."""
+
+    tokens: int
+    period_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class KeyRecord:
     id: str
     hash: str
@@ -60,6 +68,7 @@ class KeyRecord:
     spend_caps: tuple[SpendCap, ...] = ()
     rate_limit: RateLimitSpec | None = None
     max_in_flight: int | None = None
+    token_limits: tuple[TokenLimitSpec, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
     imported: bool = False
     grace_hash: str | None = None
@@ -110,6 +119,9 @@ class KeyRecord:
                 "period_seconds": self.rate_limit.period_seconds,
             },
             "max_in_flight": self.max_in_flight,
+            "token_limits": [
+                {"tokens": t.tokens, "period_seconds": t.period_seconds} for t in self.token_limits
+            ],
             "metadata": dict(self.metadata),
             "imported": self.imported,
         }
@@ -139,6 +151,9 @@ def encode_fields(values: dict[str, Any]) -> dict[str, str]:
             encoded[name] = json.dumps([[c.amount_micro, c.period] for c in value])
         elif name == "rate_limit":
             encoded[name] = json.dumps([value.requests, value.period_seconds])
+        elif name == "token_limits":
+            if value:  # none: the field is cleared (the script tests its presence)
+                encoded[name] = json.dumps([[t.tokens, t.period_seconds] for t in value])
         elif isinstance(value, bool):
             encoded[name] = "1" if value else "0"
         elif isinstance(value, tuple | list | dict):
@@ -181,6 +196,9 @@ def decode(raw: dict[str, str]) -> KeyRecord:
         spend_caps=tuple(SpendCap(int(a), p) for a, p in json.loads(raw.get("spend_caps", "[]"))),
         rate_limit=None if rate is None else RateLimitSpec(*json.loads(rate)),
         max_in_flight=opt_int("max_in_flight"),
+        token_limits=tuple(
+            TokenLimitSpec(int(n), float(p)) for n, p in json.loads(raw.get("token_limits", "[]"))
+        ),
         metadata=json.loads(raw.get("metadata", "{}")),
         imported=raw.get("imported") == "1",
         grace_hash=raw.get("grace_hash"),

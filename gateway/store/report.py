@@ -1,5 +1,6 @@
-"""A key's usage now, as report.lua reads it in one call: per-period spend, each spending
-cap's counted spend and reset, and the rate-limit state; and its public JSON form."""
+"""A key's usage now, as report.lua reads it in one call: per-period spend and usage per
+model, each spending cap's counted spend and reset, and the rate-limit state; and its
+public JSON form."""
 
 from __future__ import annotations
 
@@ -10,6 +11,54 @@ from typing import Any
 from gateway.store.record import KeyRecord, decode, from_micro, pairs_to_dict, rfc3339
 
 _ORDER = ("daily", "weekly", "monthly", "total")
+MODEL_PERIODS = ("daily", "weekly", "monthly")
+# Named models a usage bucket keeps at most (lib.lua's MODELS_PER_BUCKET); the requests of
+# any further model are counted under OTHER_MODEL.
+MODELS_PER_BUCKET = 32
+OTHER_MODEL = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUsage:
+    """One model's usage in one bucket: what its requests cost (their actual cost, BYOK
+    included), their tokens, and how many they were."""
+
+    cost_micro: int
+    input_tokens: int
+    output_tokens: int
+    requests: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cost": from_micro(self.cost_micro),
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "requests": self.requests,
+        }
+
+
+ModelsUsage = dict[str, ModelUsage]  # model -> its usage in one bucket
+
+
+def models_from_hash(flat: list[Any] | dict[Any, Any]) -> ModelsUsage:
+    """A per-model usage bucket as Redis holds it (lib.lua's add_model_usage: model ->
+    'cost input output requests'), from HGETALL's flat reply or a client's dict; a field
+    that does not parse is left out. Sorted by cost, highest first, then by name."""
+    if isinstance(flat, dict):
+        items = list(flat.items())
+    else:  # model, value, model, value, ...
+        items = list(zip(flat[::2], flat[1::2], strict=True))
+    found: ModelsUsage = {}
+    for model, value in items:
+        numbers = _text(value).split(" ")
+        if len(numbers) == 4 and all(n.lstrip("-").isdigit() for n in numbers):
+            cost, inputs, outputs, requests = (int(n) for n in numbers)
+            found[_text(model)] = ModelUsage(cost, inputs, outputs, requests)
+    return dict(sorted(found.items(), key=lambda item: (-item[1].cost_micro, item[0])))
+
+
+def models_json(models: ModelsUsage) -> dict[str, Any]:
+    return {model: usage.to_json() for model, usage in models.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +94,7 @@ class UsageReport:
     resets_at_ms: dict[str, int]  # daily, weekly, monthly: when the current bucket ends
     caps: tuple[CapState, ...]
     rate_tat_us: int | None  # GCRA theoretical arrival time, None when idle
+    models: dict[str, ModelsUsage]  # daily, weekly, monthly: usage per model
 
     @classmethod
     def from_reply(cls, reply: list[Any]) -> UsageReport:
@@ -71,6 +121,7 @@ class UsageReport:
             resets_at_ms=dict(zip(_ORDER[:3], ends, strict=True)),
             caps=caps,
             rate_tat_us=None if reply[6] is None else int(float(_text(reply[6]))),
+            models=dict(zip(MODEL_PERIODS, (models_from_hash(m) for m in reply[7]), strict=True)),
         )
 
     @property
@@ -114,6 +165,7 @@ class UsageReport:
             usage_resets_at={p: rfc3339(at) for p, at in self.resets_at_ms.items()},
             caps=[cap.to_json() for cap in self.caps],
             rate_limit_state=self.rate_state(),
+            usage_by_model={p: models_json(self.models[p]) for p in MODEL_PERIODS},
         )
         return body
 

@@ -31,7 +31,13 @@ from gateway.store.connection import StoreClient
 from gateway.store.input import MAX_MONEY, WORKSPACE_PATTERN, InvalidInput
 from gateway.store.names import KeyNames
 from gateway.store.record import MICRO, PERIODS, SpendCap, encode_fields, from_micro, rfc3339
-from gateway.store.report import CapState
+from gateway.store.report import (
+    MODEL_PERIODS,
+    CapState,
+    ModelsUsage,
+    models_from_hash,
+    models_json,
+)
 from gateway.store.scripts import script_source
 
 MAX_CAPS = 8  # as many as a key may have (store/input.py)
@@ -107,6 +113,7 @@ class WorkspaceBudget:
     in_flight: int  # pending ledger entries whose lease has not ended
     reserved_micro: int  # what they hold
     updated_at_ms: int | None  # when the caps were last set; None: never
+    models: dict[str, ModelsUsage]  # daily, weekly, monthly: usage per model (while capped)
 
     def to_json(self) -> dict[str, Any]:
         """The public view (GET /v1/workspaces/{id}, keygate workspaces show --json)."""
@@ -116,6 +123,7 @@ class WorkspaceBudget:
             "usage": {period: from_micro(self.usage_micro[period]) for period in USAGE_PERIODS},
             "in_flight": self.in_flight,
             "reserved": from_micro(self.reserved_micro),
+            "usage_by_model": {p: models_json(self.models[p]) for p in MODEL_PERIODS},
             "updated_at": rfc3339(self.updated_at_ms),
             "now": rfc3339(self.now_ms),
         }
@@ -182,8 +190,9 @@ class Workspaces:
             start = f"({_text(members[-1])}"
 
     async def get(self, workspace_id: str) -> WorkspaceBudget:
-        """The budget now: caps with used/remaining/reset, usage per period, requests in
-        flight. A workspace that never had a budget shows no caps and zero usage."""
+        """The budget now: caps with used/remaining/reset, usage per period and per model,
+        requests in flight. A workspace that never had a budget shows no caps and zero
+        usage."""
         names = self.names
         reply = await self._report(
             keys=[
@@ -205,7 +214,7 @@ class Workspaces:
             for i in range(0, len(flat), 5)
         )
         usage = [int(value) for value in reply[1]]
-        updated = reply[5] if len(reply) > 5 else None
+        updated = reply[5]
         return WorkspaceBudget(
             workspace_id=workspace_id,
             now_ms=int(reply[0]),
@@ -214,6 +223,7 @@ class Workspaces:
             in_flight=int(reply[3]),
             reserved_micro=int(reply[4]),
             updated_at_ms=None if updated is None else int(_text(updated)),
+            models=dict(zip(MODEL_PERIODS, (models_from_hash(m) for m in reply[6]), strict=True)),
         )
 
 

@@ -54,8 +54,8 @@ ACTUAL = 500  # micro-units each request is settled at
 
 
 class _Riders:
-    def __init__(self, pairs: list[Any]) -> None:
-        self.pairs = pairs
+    def __init__(self, triples: list[Any]) -> None:
+        self.triples = triples
 
 
 async def _requests(url: str, count: int, mode: str) -> None:
@@ -77,14 +77,14 @@ async def _requests(url: str, count: int, mode: str) -> None:
     previous: list[Decision] = []
     if mode == "ride":
         authorizer.ride_along = lambda keys: (
-            _Riders([previous[-1].entry, ACTUAL]) if previous else None
+            _Riders([previous[-1].entry, ACTUAL, ""]) if previous else None
         )
     try:
         for _ in range(count + 1):
             decision = await authorizer.authorize(secret, policy, "GET")
             assert decision.status == "ok", decision.status
             if mode == "separate":
-                await mux.evalsha(SETTLE, decision.settle_keys, ("", decision.entry, ACTUAL))
+                await mux.evalsha(SETTLE, decision.settle_keys, ("", decision.entry, ACTUAL, ""))
             previous.append(decision)
     finally:
         await mux.close()

@@ -403,6 +403,25 @@ async def test_max_in_flight_is_set_changed_and_cleared(cli: Cli) -> None:
     assert shown["max_in_flight"] is None
 
 
+async def test_token_limits_are_set_replaced_and_cleared(cli: Cli) -> None:
+    created = ok(
+        await cli(
+            "keys", "create", "--json", "--token-limit", "1000/60", "--token-limit", "50000/86400"
+        )
+    ).json()
+    assert created["token_limits"] == [
+        {"tokens": 1000, "period_seconds": 60.0},
+        {"tokens": 50000, "period_seconds": 86400.0},
+    ]
+    key_id = created["id"]
+    changed = ok(await cli("keys", "update", key_id, "--json", "--token-limit", "10/1")).json()
+    assert changed["token_limits"] == [{"tokens": 10, "period_seconds": 1.0}]
+    cleared = ok(await cli("keys", "update", key_id, "--json", "--token-limit", "0")).json()
+    assert cleared["token_limits"] == []
+    shown = ok(await cli("keys", "show", key_id, "--json")).json()
+    assert shown["token_limits"] == []
+
+
 # --- revoke and rotate ---------------------------------------------------------------------
 
 
@@ -511,6 +530,11 @@ BAD_INPUT: list[tuple[list[str], tuple[str, ...]]] = [
     (["create", "--max-in-flight", "x"], (r"^keygate: --max-in-flight: expected a whole number",)),
     (["create", "--max-in-flight", "1.5"], (r"^keygate: --max-in-flight: expected a whole",)),
     (["create", "--spend-cap", "lots"], (r"^keygate: --spend-cap: expected AMOUNT/PERIOD",)),
+    (["create", "--token-limit", "many"], (r"^keygate: --token-limit: expected N/SECONDS",)),
+    (
+        ["create", "--token-limit", "0/60"],
+        (r"^keygate: token_limits: item 0 tokens must be an integer from 1 to",),
+    ),
     (
         ["create", "--spend-cap", "5/hourly"],
         (r"^keygate: spend_caps: item 0 period must be one of daily, weekly, monthly, total$",),

@@ -102,7 +102,8 @@ def test_gateway_yaml_sets_every_option_the_loader_accepts() -> None:
         assert set(upstream) == _fields(Upstream) - {"name"}
         assert set(upstream["timeouts"]) == _fields(Timeouts)
     routes = raw["routes"]
-    assert set().union(*routes) == _fields(Route)
+    # reserve: auto sets reserve_auto; unpriced_reserve is read into reserve.
+    assert set().union(*routes) == _fields(Route) - {"reserve_auto"} | {"unpriced_reserve"}
     assert set().union(*(r["cost"] for r in routes if "cost" in r)) == _fields(CostRule)
     assert set().union(*(r["resource"] for r in routes if "resource" in r)) == _fields(ResourceRule)
     assert set().union(*(r["rate_limit"] for r in routes if "rate_limit" in r)) == _fields(
@@ -420,19 +421,19 @@ RULES: dict[str, tuple[dict[Any, Any], list[str]]] = {
     ),
     "cost with nothing": (
         route(cost={}),
-        ["routes[0].cost: needs exactly one of fixed, header, json"],
+        ["routes[0].cost: needs exactly one of fixed, header, json, llm"],
     ),
     "cost with only per_unit": (
         route(cost={"per_unit": 2}),
-        ["routes[0].cost: needs exactly one of fixed, header, json"],
+        ["routes[0].cost: needs exactly one of fixed, header, json, llm"],
     ),
     "cost with two": (
         route(cost={"fixed": 1, "header": "X-Cost"}),
-        ["routes[0].cost: needs exactly one of fixed, header, json"],
+        ["routes[0].cost: needs exactly one of fixed, header, json, llm"],
     ),
     "cost with an empty field": (
         route(cost={"json": ""}),
-        ["routes[0].cost: needs exactly one of fixed, header, json"],
+        ["routes[0].cost: needs exactly one of fixed, header, json, llm"],
     ),
     "cost a number": (route(cost=0.002), ["routes[0].cost: must be a mapping"]),
     "resource with nothing": (
@@ -474,7 +475,7 @@ RULES: dict[str, tuple[dict[Any, Any], list[str]]] = {
     "rate limit a number": (route(rate_limit=100), ["routes[0].rate_limit: must be a mapping"]),
     "unknown error format": (
         route(error_format="json"),
-        ["routes[0].error_format: must be one of problem, openai (got 'json')"],
+        ["routes[0].error_format: must be one of problem, openai, anthropic (got 'json')"],
     ),
     "unknown route source": (
         route(sources=["cookie"]),
@@ -935,7 +936,7 @@ def test_check_config_accepts_the_documented_config() -> None:
     done = check_config(CONFIG / "gateway.yaml")
     assert done.returncode == 0, done.stderr
     assert done.stdout == (
-        f"{CONFIG / 'gateway.yaml'}: ok (1 upstreams, 3 routes; "
+        f"{CONFIG / 'gateway.yaml'}: ok (1 upstreams, 4 routes; "
         f"key store: embedded Redis in {CONFIG / '.keygate'}, key prefix kg:)\n"
     )
     assert done.stderr == ""

@@ -21,10 +21,11 @@ from gateway.policies.limits import RoutePolicy
 from gateway.policies.policy import Asked, Policy, Refusal
 from gateway.policies.ratelimit import RateState
 from gateway.policies.spend import BlockedCap
+from gateway.policies.tokens import TokenRefusal
 from gateway.proxy.authorize import AUTHORIZE, LAYOUT, WRITTEN, Decision, KeyAuthorizer
 from gateway.store.cluster_multiplex import Multiplexer, multiplexer_for
 from gateway.store.names import KeyNames
-from gateway.store.record import MICRO, RateLimitSpec, SpendCap
+from gateway.store.record import MICRO, RateLimitSpec, SpendCap, TokenLimitSpec
 from gateway.store.scripts import frame_source, library_source
 from tests.conftest import MakeKey
 
@@ -71,6 +72,7 @@ def test_the_chain_is_unkeys_order_and_the_reply_head_is_fixed() -> None:
         "resource",
         "rate_limit",
         "concurrency",
+        "token_limits",
         "spend_caps",
     ]
     # What other modules read by position: the identity and the expired counts (settle.py,
@@ -138,7 +140,11 @@ async def _decide(
 ) -> Decision:
     policy = RoutePolicy.of(_route(settings, route))
     return await authorizer.authorize(
-        secret, policy, kw.get("method", "POST"), kw.get("resource", "gpt")
+        secret,
+        policy,
+        kw.get("method", "POST"),
+        kw.get("resource", "gpt"),
+        tokens=kw.get("tokens"),
     )
 
 
@@ -172,6 +178,14 @@ async def test_every_refusal_round_trips_to_its_typed_value(
     assert first.status == "ok" and first.entry and first.held_micro == 0
     refused = await decide(busy.secret, "plain")
     assert (refused.status, refused.refused) == ("concurrency_limited", 1)
+
+    tokened = await make_key(token_limits=(TokenLimitSpec(100, 60),))
+    assert (await decide(tokened.secret, "priced", tokens=60)).status == "ok"
+    over = await decide(tokened.secret, "priced", tokens=60)
+    assert over.status == "token_rate_limited"
+    assert isinstance(over.refused, TokenRefusal)
+    assert (over.refused.tokens, over.refused.period_ms, over.refused.used) == (100, 60_000, 60)
+    assert over.refused.estimate == 60 and 0 < over.refused.reset_ms <= 60_000
 
     capped = await make_key(limit_micro=MICRO // 10, limit_reset="daily")
     spent = await decide(capped.secret, "priced")

@@ -52,7 +52,9 @@ class Ledger:
         return reply
 
     async def settle(self, now_ms: int, *pairs: Any) -> list[int]:
-        reply = await self._settle(keys=self._keys(), args=[now_ms, *pairs])
+        """settle.lua with (request id, actual cost) pairs, each given no usage note."""
+        triples = [v for i in range(0, len(pairs), 2) for v in (*pairs[i : i + 2], "")]
+        reply = await self._settle(keys=self._keys(), args=[now_ms, *triples])
         return [int(v) for v in reply]
 
     async def usage(self) -> int:
@@ -153,7 +155,7 @@ async def test_max_in_flight_counts_pending_entries_with_their_lease_running(
     now = await _now(redis)
     assert [await admit(now, "a"), await admit(now + 1, "b")] == ["ok", "ok"]
     assert await admit(now + 2, "c") == "concurrency_limited"
-    assert await settle(keys=settle_keys, args=[now + 3, "a", 0])
+    assert await settle(keys=settle_keys, args=[now + 3, "a", 0, ""])
     assert await admit(now + 4, "d") == "ok"
     assert await admit(now + 5, "e") == "concurrency_limited"
     # b's and d's leases end unsettled: resolved (a tombstone each), no slot held.

@@ -22,12 +22,12 @@ local f = redis.call('HMGET', KEY.record, FIELD_NAMES)
 local presented = ARG.digest
 if not FIELD.hash then return {'not_found', now} end
 -- Settlements of this key that ride along with its authorization (gateway/proxy/settle.py):
--- (request id, actual cost) pairs after the layout's ARG_COUNT arguments, applied first,
--- whatever this request's outcome, so its checks see their refunds; one script instead of
--- a settle.lua call each (lib.lua's apply_settlements, the same code).
+-- (request id, actual cost, usage note) triples after the layout's ARG_COUNT arguments,
+-- applied first, whatever this request's outcome, so its checks see their refunds; one
+-- script instead of a settle.lua call each (lib.lua's apply_settlements, the same code).
 if #ARGV > ARG_COUNT then
   apply_settlements(KEY.usage, KEY.ledger, KEY.entries, KEY.pending, ARGV, ARG_COUNT + 1,
-    ARG_AT.hint)
+    ARG_AT.hint, KEY.record)
 end
 if FIELD.hash ~= presented
   and not (FIELD.grace_hash == presented and now < tonumber(FIELD.grace_until or '0')) then
@@ -51,12 +51,13 @@ if FIELD.expires_at and now >= tonumber(FIELD.expires_at) then return reply('exp
 -- written (entry_wanted).
 local entry_id, lease_end = ARG.entry, now + tonumber(ARG.lease_ms)
 local entry_amount, entry_byok, entry_wanted = 0, false, false
+local entry_tokens = 0 -- the token limits' estimate, trued up by the settlement
 --@commit
 local written = 0
 if entry_wanted and entry_id ~= '' then
   redis.call('ZADD', KEY.ledger, lease_end, entry_id)
-  redis.call('HSET', KEY.entries, entry_id, string.format('p:%d:%d:%s:%s:%d', entry_amount, now,
-    entry_byok and '1' or '0', ARG.on_expiry, lease_end))
+  redis.call('HSET', KEY.entries, entry_id, string.format('p:%d:%d:%s:%s:%d:%d', entry_amount,
+    now, entry_byok and '1' or '0', ARG.on_expiry, lease_end, entry_tokens))
   written = 1
 end
 redis.call('HINCRBY', KEY.record, 'total_uses', 1)

@@ -167,38 +167,129 @@ local function resolve_expired(ledger, entries, usage, now, pending)
   return charged, refunded
 end
 
+-- Usage per model (GET /v1/key's usage_by_model), per key or workspace and bucket: a hash
+-- model -> '<cost micro> <input tokens> <output tokens> <requests>', named usage prefix ..
+-- MODEL_BUCKETS .. bucket (gateway/store/names.py: model_usage), so on the usage's slot. Storage is bounded: at most MODELS_PER_BUCKET named models per bucket; the
+-- requests of any further model are counted under 'other' (a model named 'other' shares
+-- it). Kept as long as the usage buckets (KEEP); sums exact up to 2^53.
+local MODEL_BUCKETS = 'models:'
+local MODELS_PER_BUCKET = 32
+
+-- One model's sums {cost, input, output, requests} added to its fields in the buckets b.
+local function add_model_usage(prefix, b, model, sums)
+  for _, period in ipairs({'daily', 'weekly', 'monthly'}) do
+    local key = prefix .. MODEL_BUCKETS .. b[period]
+    local field = model
+    local was = redis.call('HGET', key, field)
+    local fresh = false
+    if not was then
+      local count = redis.call('HLEN', key)
+      fresh = count == 0
+      -- Full when MODELS_PER_BUCKET fields besides 'other' exist.
+      if field ~= 'other' and count >= MODELS_PER_BUCKET
+        and (count > MODELS_PER_BUCKET or redis.call('HEXISTS', key, 'other') == 0) then
+        field = 'other'
+        was = redis.call('HGET', key, field)
+      end
+    end
+    local c, i, o, n = 0, 0, 0, 0
+    if was then
+      local wc, wi, wo, wn = string.match(was, '^(%-?%d+) (%d+) (%d+) (%d+)$')
+      if wn then c, i, o, n = tonumber(wc), tonumber(wi), tonumber(wo), tonumber(wn) end
+    end
+    redis.call('HSET', key, field, string.format('%d %d %d %d', c + sums[1], i + sums[2],
+      o + sums[3], n + sums[4]))
+    if fresh then redis.call('PEXPIREAT', key, b[period .. '_end'] + KEEP[period]) end
+  end
+end
+
 -- Settle requests of one key (settle.lua; the authorize script too, for settlements that
--- ride along with the key's next authorization). For each (request id, actual cost) pair
--- in args[from], args[from + 1], ...: a pending entry gets (actual - reservation); an entry
--- resolved at its lease end gets (actual - reservation) when it was charged, the actual
--- cost when it was refunded; an id with no entry was settled already (or its entry
--- forgotten): nothing. Either way the entry is gone after, so a settlement applied twice
--- changes nothing. Deltas go to the buckets of the instant the request was authorized, so
--- a request that straddles midnight is charged to one day only; they are summed per UTC
--- day and BYOK flag, then written once each: exact (integers), and the same buckets,
--- since every instant of one day falls in the same day, week and month. ``hint``: the
--- caller's day hint at args[hint] (buckets_at), or nil. ``pending``: the key's pending
--- ids (max_in_flight's count), or nil. Returns how many were settled, settled after
--- their lease was resolved, and already settled.
-local function apply_settlements(usage, ledger, entries, pending, args, from, hint)
+-- ride along with the key's next authorization). For each (request id, actual cost, usage
+-- note) triple in args[from], args[from + 1], args[from + 2], ...: a pending entry gets
+-- (actual - reservation); an entry resolved at its lease end gets (actual - reservation)
+-- when it was charged, the actual cost when it was refunded; an id with no entry was
+-- settled already (or its entry forgotten): nothing. Either way the entry is gone after,
+-- so a settlement applied twice changes nothing. Deltas go to the buckets of the instant
+-- the request was authorized, so a request that straddles midnight is charged to one day
+-- only; they are summed per UTC day and BYOK flag, then written once each: exact
+-- (integers), and the same buckets, since every instant of one day falls in the same day,
+-- week and month. The usage note is '' (no token usage) or '<model>\t<input tokens>\t<output
+-- tokens>' (gateway/proxy/settle.py: usage_note): a settled entry with one adds its actual
+-- cost, its tokens and one request to its model's usage in the same buckets (BYOK or not),
+-- summed per day and model likewise; a note that does not parse adds nothing.
+-- ``hint``: the caller's day hint at args[hint] (buckets_at), or nil. ``pending``: the
+-- key's pending ids (max_in_flight's count), or nil. Returns how many were settled,
+-- settled after their lease was resolved, and already settled.
+-- The token limits' windows in a key's record (gateway/policies/tokens.py), read when a
+-- settlement first needs them: {limits, windows, used} or false (the key has none).
+local function token_windows(record)
+  local f = redis.call('HMGET', record, 'token_limits', 'tk_w1', 'tk_w2', 'tk_w3', 'tk_w4',
+    'tk_u1', 'tk_u2', 'tk_u3', 'tk_u4')
+  if not f[1] then return false end
+  local limits, windows, used = cjson.decode(f[1]), {}, {}
+  for i = 1, 4 do windows[i], used[i] = tonumber(f[1 + i] or ''), tonumber(f[5 + i] or '0') end
+  return {limits, windows, used, false}
+end
+
+-- An entry's token estimate (the 7th field a pending entry holds; none on late or
+-- workspace entries) replaced by the tokens its answer used, in each window of the key's
+-- token limits that is still the one it was admitted in.
+local function true_up_tokens(state, entry, at, input, output)
+  local estimate = tonumber(string.match(entry, '^p:%-?%d+:%d+:[01]:[cr]:%d+:(%d+)') or '0')
+  if estimate == 0 or not state then return end
+  local delta = tonumber(input) + tonumber(output) - estimate
+  for i, limit in ipairs(state[1]) do
+    if state[2][i] == math.floor(at / math.floor(limit[2] * 1000)) and delta ~= 0 then
+      state[3][i] = math.max(0, state[3][i] + delta)
+      state[4] = true
+    end
+  end
+end
+
+local function apply_settlements(usage, ledger, entries, pending, args, from, hint, record)
   local settled, late, already = 0, 0, 0
+  local tokens = nil -- token_windows(record), read at the first entry that needs it
   local sums, order, done, gone = {}, {}, {}, {}
-  for i = from, #args - 1, 2 do
+  local days, day_order = {}, {} -- per-model sums: day -> {at, sums per model, models in order}
+  for i = from, #args - 2, 3 do
     local id = args[i]
     local entry = not done[id] and redis.call('HGET', entries, id)
     done[id] = true
     local state, amount, at, byok
     if entry then state, amount, at, byok = string.match(entry, '^([pcr]):(%-?%d+):(%d+):([01])') end
     if state then
-      local delta = tonumber(args[i + 1])
+      local actual = tonumber(args[i + 1])
+      local delta = actual
       if state == 'p' then settled = settled + 1 else late = late + 1 end
       if state ~= 'r' then delta = delta - tonumber(amount) end
+      at = tonumber(at)
+      local day = math.floor(at / DAY)
       if delta ~= 0 then
-        at = tonumber(at)
-        local group = math.floor(at / DAY) .. byok
+        local group = day .. byok
         local sum = sums[group]
         if sum then sum[3] = sum[3] + delta
         else sums[group] = {at, byok, delta} order[#order + 1] = group end
+      end
+      local model, input, output = string.match(args[i + 2], '^([^\t]+)\t(%d+)\t(%d+)$')
+      if model and record and state == 'p' and string.find(entry, ':%d+:%d+$') then
+        if tokens == nil then tokens = token_windows(record) end
+        true_up_tokens(tokens, entry, at, input, output)
+      end
+      if model then
+        local per_day = days[day]
+        if not per_day then
+          per_day = {at, {}, {}}
+          days[day] = per_day
+          day_order[#day_order + 1] = day
+        end
+        local m = per_day[2][model]
+        if m then
+          m[1], m[2], m[3], m[4] = m[1] + actual, m[2] + tonumber(input), m[3] + tonumber(output),
+            m[4] + 1
+        else
+          per_day[2][model] = {actual, tonumber(input), tonumber(output), 1}
+          per_day[3][#per_day[3] + 1] = model
+        end
       end
       gone[#gone + 1] = id
     else
@@ -211,6 +302,19 @@ local function apply_settlements(usage, ledger, entries, pending, args, from, hi
       local b = hint and buckets_at(sum[1], args, hint) or buckets(sum[1])
       add_usage(usage, b, sum[2] == '1', sum[3])
     end
+  end
+  for _, day in ipairs(day_order) do
+    local per_day = days[day]
+    local b = hint and buckets_at(per_day[1], args, hint) or buckets(per_day[1])
+    for _, model in ipairs(per_day[3]) do add_model_usage(usage, b, model, per_day[2][model]) end
+  end
+  if tokens and tokens[4] then
+    local writes = {}
+    for i in ipairs(tokens[1]) do
+      writes[#writes + 1] = 'tk_u' .. i
+      writes[#writes + 1] = tokens[3][i]
+    end
+    redis.call('HSET', record, unpack(writes))
   end
   if #gone > 0 then
     redis.call('HDEL', entries, unpack(gone))

@@ -6,7 +6,8 @@
 -- Returns {status, now_ms} for not_found, else {status, now_ms, record (flat field/value
 -- list), usage {daily, weekly, monthly, total, then the four BYOK ones}, period ends
 -- {daily, weekly, monthly} (ms), caps {name, amount, period, counted, resets_at_ms, ...},
--- rate state (GCRA theoretical arrival time in us) or false}.
+-- rate state (GCRA theoretical arrival time in us) or false, usage per model {daily,
+-- weekly, monthly: each its hash flat, model, 'cost input output requests', ...}}.
 local now = math.floor(clock_us(ARGV[2]) / 1000)
 local record = redis.call('HGETALL', KEYS[1])
 if #record == 0 then return {'not_found', now} end
@@ -40,5 +41,9 @@ for i, cap in ipairs(caps_of(f.limit_micro, f.limit_reset, f.spend_caps)) do
     caps[#caps + 1] = v
   end
 end
+local models = {}
+for _, period in ipairs({'daily', 'weekly', 'monthly'}) do
+  models[#models + 1] = redis.call('HGETALL', KEYS[2] .. MODEL_BUCKETS .. b[period])
+end
 return {status, now, record, usage, {b.daily_end, b.weekly_end, b.monthly_end}, caps,
-  redis.call('GET', KEYS[3])}
+  redis.call('GET', KEYS[3]), models}

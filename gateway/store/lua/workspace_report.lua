@@ -4,7 +4,8 @@
 -- KEYS: 1 the budget hash, 2 usage prefix (kg:wu:{w:<id>}:), 3 ledger entries
 -- ARGV: 1 clock override ms ('' = TIME)
 -- Returns {now_ms, usage {daily, weekly, monthly, total}, caps {name, amount, period,
--- counted, resets_at_ms, ...}, in flight, reserved (micro), updated_at ms or false}.
+-- counted, resets_at_ms, ...}, in flight, reserved (micro), updated_at ms or false, usage
+-- per model {daily, weekly, monthly: each its hash flat (lib.lua's add_model_usage)}}.
 local now = math.floor(clock_us(ARGV[1]) / 1000)
 local b = buckets(now)
 local usage = {}
@@ -27,4 +28,8 @@ for _, entry in ipairs(redis.call('HVALS', KEYS[3])) do
     reserved = reserved + tonumber(amount)
   end
 end
-return {now, usage, caps, in_flight, reserved, f[2]}
+local models = {}
+for _, period in ipairs({'daily', 'weekly', 'monthly'}) do
+  models[#models + 1] = redis.call('HGETALL', KEYS[2] .. MODEL_BUCKETS .. b[period])
+end
+return {now, usage, caps, in_flight, reserved, f[2] or false, models}
