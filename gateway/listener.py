@@ -496,6 +496,13 @@ def proxy_server(handler: Handler, settings: Settings, metrics: Metrics) -> Guar
     return GuardedServer(handler, guard, handler_cancellation=True, access_log=None)
 
 
+def auth_server(handler: Handler, settings: Settings, metrics: Metrics) -> GuardedServer:
+    """The auth listener's server (forward auth): the proxy listener's limits, counted as
+    its own listener."""
+    guard = ListenerGuard("auth", settings, connection_budget(settings), metrics)
+    return GuardedServer(handler, guard, handler_cancellation=True, access_log=None)
+
+
 def operator_runner(
     app: web.Application,
     settings: Settings,

@@ -19,6 +19,7 @@ from gateway.admin.reload import Reload
 from gateway.app import build_proxy, proxy_server
 from gateway.config.model import Address, Settings
 from gateway.config.reloadable import ReloadResult
+from gateway.forward_auth.app import auth_server
 from gateway.listener import operator_runner
 from gateway.proxy.live import LiveProxy, Reread
 from gateway.runtime import open_store
@@ -75,6 +76,11 @@ async def serve(
                 metrics_app, settings, proxy.metrics, shutdown_timeout=grace, listener="metrics"
             )
             listeners.append((metrics_runner, settings.metrics.listen, "metrics"))
+        if settings.auth_listen is not None:  # forward auth for nginx, Traefik, Caddy, Envoy
+            auth_runner = web.ServerRunner(
+                auth_server(live), handle_signals=False, shutdown_timeout=grace
+            )
+            listeners.append((auth_runner, settings.auth_listen, "auth"))
         # Signals are handled before the supervisor hears "serving": a SIGTERM or SIGHUP
         # that follows it at once must stop or reload, not kill the process outright.
         signals = _Signals(live)

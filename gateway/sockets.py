@@ -34,6 +34,8 @@ def listeners(settings: Settings) -> list[tuple[str, str, Address]]:
     found = [("proxy", "listen", settings.listen), ("admin", "admin_listen", settings.admin_listen)]
     if settings.metrics.listen is not None:
         found.append(("metrics", "metrics.listen", settings.metrics.listen))
+    if settings.auth_listen is not None:
+        found.append(("auth", "auth_listen", settings.auth_listen))
     return found
 
 

@@ -48,4 +48,3 @@ async def _read_capped(request: web.Request, limit: int) -> bytes:
     if raw is None:
         raise Denied(problem(Outcome.PAYLOAD_TOO_LARGE, f"the body exceeds {limit} bytes"))
     return raw
-

@@ -80,5 +80,3 @@ def store_target(redis: RedisSettings) -> str:
         else redact_url(redis.url)
     )
     return f"{where}, key prefix {redis.key_prefix}"
-
-

@@ -32,8 +32,7 @@ def credits(value: float | None) -> str:
 def _caps(row: dict[str, Any]) -> str:
     """Each spending cap as used/amount period, e.g. ``1.25/5 daily, 3/50 monthly``."""
     caps = [
-        f"{credits(cap['used'])}/{credits(cap['amount'])} {cap['period']}"
-        for cap in row["caps"]
+        f"{credits(cap['used'])}/{credits(cap['amount'])} {cap['period']}" for cap in row["caps"]
     ]
     return ", ".join(caps) or "-"
 

@@ -296,8 +296,8 @@ def _route(
             spec,
             "resource",
             path,
-            ("json", "query", "path_segment", "max_body_bytes"),
-            ("json", "query", "path_segment"),
+            ("json", "query", "path_segment", "header", "max_body_bytes"),
+            ("json", "query", "path_segment", "header"),
             _resource,
         ),
         cost=cost,
@@ -387,6 +387,7 @@ def _resource(r: Reader, raw: dict[str, Any], path: str) -> ResourceRule:
     return ResourceRule(
         json=r.get(raw, "json", path, str, "") or None,
         query=r.get(raw, "query", path, str, "") or None,
+        header=r.get(raw, "header", path, str, "") or None,
         path_segment=r.integer(raw, "path_segment", path, 0, low=0)
         if segment is not None
         else None,
@@ -590,6 +591,8 @@ def _listeners_apart(r: Reader, settings: Settings) -> None:
     listeners = [("listen", settings.listen), ("admin_listen", settings.admin_listen)]
     if settings.metrics.listen is not None:
         listeners.append(("metrics.listen", settings.metrics.listen))
+    if settings.auth_listen is not None:
+        listeners.append(("auth_listen", settings.auth_listen))
     for i, (name, address) in enumerate(listeners):
         for other, taken in listeners[:i]:
             if _overlap(address, taken):
@@ -608,6 +611,7 @@ def build(raw: Mapping[str, Any], base: Path) -> Settings:
         (
             "listen",
             "admin_listen",
+            "auth_listen",
             "workers",
             "shutdown_timeout",
             "upstreams",
@@ -625,6 +629,7 @@ def build(raw: Mapping[str, Any], base: Path) -> Settings:
     settings = Settings(
         listen=_address(r, raw, "listen", DEFAULT_LISTEN),
         admin_listen=_address(r, raw, "admin_listen", DEFAULT_ADMIN_LISTEN),
+        auth_listen=_optional_address(r, raw, "auth_listen", "auth_listen"),
         workers=r.integer(raw, "workers", "", 1, low=1),
         shutdown_timeout=r.number(raw, "shutdown_timeout", "", 30.0, open_low=True),
         redis=_redis(r, raw, base),

@@ -119,10 +119,12 @@ class ModelPriceOverride:
 
 @dataclass(frozen=True, slots=True)
 class ResourceRule:
-    """Where a request names its resource: a JSON body field, a query or a path segment."""
+    """Where a request names its resource: a JSON body field, a query, a path segment, or a
+    header (one a proxy in front sets, e.g. X-Keygate-Resource under forward auth)."""
 
     json: str | None = None
     query: str | None = None
+    header: str | None = None
     path_segment: int | None = None
     max_body_bytes: int = 1_048_576
 
@@ -228,6 +230,8 @@ class AdminSettings:
 class Settings:
     listen: Address = DEFAULT_LISTEN
     admin_listen: Address = DEFAULT_ADMIN_LISTEN
+    # The auth listener for nginx, Traefik, Caddy and Envoy (forward auth); None: off.
+    auth_listen: Address | None = None
     workers: int = 1
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
     redis: RedisSettings = field(default_factory=RedisSettings)

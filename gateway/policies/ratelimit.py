@@ -64,6 +64,7 @@ class RateLimitPolicy(Policy[tuple[str, str]]):
     route_arg_names = ("requests", "period_ms")
     note_names = ("policy", "current", "retry_after")
     refusals = (("rate_limited", 0),)
+
     def redis_keys(self, names: KeyNames, key_id: str, route: str) -> tuple[str, ...]:
         rate = names.rate(key_id)
         return (rate, f"{rate}:{route}")

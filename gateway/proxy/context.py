@@ -13,8 +13,8 @@ from gateway.policies.routing import Match
 
 if TYPE_CHECKING:
     from gateway.policies.limits import RoutePolicy
-    from gateway.proxy.authorize import Decision
     from gateway.policies.llm_usage import TokenUsage
+    from gateway.proxy.authorize import Decision
     from gateway.proxy.llm import LlmExchange
     from gateway.proxy.workspace import WorkspaceHold
 

@@ -243,6 +243,11 @@ def _resource_without_body(ctx: RequestContext) -> str | web.Response | None:
     rule = ctx.match.route.resource
     if rule is None or rule.json is not None:
         return None
+    if rule.header is not None:
+        named = ctx.request.headers.getall(rule.header, ())
+        if len(named) > 1:  # upstreams disagree on which one counts: refuse to guess
+            return deny(ctx, Outcome.INVALID_REQUEST, f"{rule.header}: given more than once")
+        return named[0] if named else ""
     if rule.query is not None:
         values = ctx.request.query.getall(rule.query, ())
         if len(values) > 1:  # upstreams disagree on which one counts: refuse to guess

@@ -7,7 +7,7 @@ hex digits are picked), and a rotated secret is drawn until its lookup falls in 
 slot. Then create, revoke and rotate are each one script on one slot: on a Redis Cluster
 too, a key is never half written, and a secret is never claimed twice. Only the listing
 indexes (one sorted set per workspace, one for all) live elsewhere; they are written around
-the script and their readers skip a member whose record is gone. """
+the script and their readers skip a member whose record is gone."""
 
 from __future__ import annotations
 

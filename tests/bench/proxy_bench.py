@@ -24,7 +24,10 @@ Targets, each its own process:
   route also has ``cost: {header: X-Usage-Cost}`` and ``reserve: 0.001``, and whose key has
   a spending limit and a rate limit (both far too large to refuse anything): every request
   is rate-checked, reserves 0.001 against the limit and is settled at 0.0005 after its
-  response.
+  response;
+- ``nginx+keygate-auth``: nginx (1 worker) in front of the upstream, every request first
+  asked of a third keygate's auth listener (``auth_request``, keep-alive; 1 worker, key
+  prefix ``kga:``) with the same key options and a fixed cost of 0.0005 charged per request.
 
 A run fails (exit 1) if a pre-flight check fails, if wrk reports any non-2xx response or
 socket error, if a server process dies, or if keygate+limits' recorded usage is not
@@ -75,9 +78,12 @@ SCOPE = "bench:read"
 POOL_SIZE = 100  # keep-alive connections to the upstream, the same for every proxy
 START_TIMEOUT = 30.0
 PROFILE_RATE = 200  # py-spy samples per second
-TARGETS = ("upstream", "bare", "nginx", "keygate", "keygate+limits")
+NGINX_AUTH = "nginx+keygate-auth"
+TARGETS = ("upstream", "bare", "nginx", "keygate", "keygate+limits", NGINX_AUTH)
 KEYGATES = ("keygate", "keygate+limits")
-PROXIES = ("bare", "nginx", *KEYGATES)  # what --pin gives a CPU of its own
+NGINX_AUTH_KEYGATE = "nginx-auth-keygate"  # the auth listener's process of that target
+# What --pin gives CPU 0 (nginx+keygate-auth's nginx and keygate share it).
+PROXIES = ("bare", "nginx", *KEYGATES, NGINX_AUTH, NGINX_AUTH_KEYGATE)
 OWN_KEY_PATH = "/v1/key"  # keygate's own-key report on the proxy listener
 LIMITS_PREFIX = "kgl:"  # keygate+limits' Redis key prefix on the shared valkey-server
 RESERVE = 0.001  # credits keygate+limits reserves per request (the upstream reports COST)
@@ -309,6 +315,108 @@ def start_nginx(procs: Processes, root: Path, upstream: Target) -> Target | None
     argv = [binary, "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")]
     wait_for_port(port, procs.start("nginx", argv))
     return Target("nginx", port, note="1 worker, keep-alive upstream")
+
+
+NGINX_AUTH_CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/client_body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    upstream bench_upstream {{
+        server 127.0.0.1:{upstream_port};
+        keepalive {pool};
+        keepalive_requests 1000000;
+    }}
+    upstream keygate_auth {{
+        server 127.0.0.1:{auth_port};
+        keepalive {pool};
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location = /_keygate {{
+            internal;
+            proxy_pass http://keygate_auth/auth/nginx;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Original-Method $request_method;
+            proxy_set_header X-Original-URI $request_uri;
+        }}
+        location / {{
+            auth_request /_keygate;
+            auth_request_set $kg_key $upstream_http_x_keygate_key_id;
+            proxy_set_header X-Keygate-Key-Id $kg_key;
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx_auth(
+    procs: Processes, root: Path, upstream: Target, redis_url: str
+) -> Target | None:
+    """nginx proxying the upstream, each request first authorized by keygate's auth
+    listener (``auth_request``): auth, scope, rate limit and a fixed-cost spending cap
+    (COST per request, charged when allowed)."""
+    binary = nginx_binary()
+    if binary is None:
+        print(f"{NGINX_AUTH}: nginx not installed, skipped", file=sys.stderr)
+        return None
+    root.mkdir()
+    port, admin_port, auth_port, proxy_port = free_port(), free_port(), free_port(), free_port()
+    config = root / "keygate.yaml"
+    route = {
+        "name": "bench",
+        "prefix": PATH,
+        "upstream": "bench",
+        "methods": ["GET"],
+        "scopes": [SCOPE],
+        "cost": {"fixed": float(COST)},
+    }
+    settings: dict[str, Any] = {
+        "listen": f"127.0.0.1:{proxy_port}",
+        "admin_listen": f"127.0.0.1:{admin_port}",
+        "auth_listen": f"127.0.0.1:{auth_port}",
+        "workers": 1,
+        "redis": {"url": redis_url, "key_prefix": "kga:"},
+        "upstreams": {"bench": {"url": f"http://127.0.0.1:{upstream.port}"}},
+        "routes": [route],
+        "log": {"access": False},
+    }
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    key = _create_key(config, SCOPE, LIMITS_KEY_OPTIONS)
+    keygate = procs.start(
+        NGINX_AUTH_KEYGATE,
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+    )
+    wait_for_port(auth_port, keygate)
+    conf = root / "nginx.conf"
+    conf.write_text(
+        NGINX_AUTH_CONF.format(
+            root=root, port=port, upstream_port=upstream.port, auth_port=auth_port, pool=POOL_SIZE
+        )
+    )
+    argv = [binary, "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")]
+    wait_for_port(port, procs.start(NGINX_AUTH, argv))
+    note = "nginx (1 worker) + auth_request to keygate's auth listener (1 worker): "
+    note += f"auth + scope, rate limit, spending limit, fixed cost {COST} charged per request"
+    return Target(NGINX_AUTH, port, {"Authorization": f"Bearer {key}"}, note=note)
 
 
 @dataclass
@@ -739,6 +847,7 @@ def table(targets: Sequence[Target], connections: Sequence[int], results: Result
 # Requests/s against bare at 64 connections: issue 3's target for keygate, issue 4's for
 # keygate with limits on. The p50 target (issue 3) is keygate's alone.
 RPS_TARGETS = {"keygate": 0.80, "keygate+limits": 0.75}
+NGINX_AUTH_TARGET = 2.0  # issue 17: nginx+keygate-auth / keygate+limits req/s at 64
 
 
 def verdict(results: Results) -> list[str]:
@@ -762,6 +871,14 @@ def verdict(results: Results) -> list[str]:
                 f"- {name} p50 - bare p50 at 8 connections: {delta:+.2f} ms "
                 f"(target <= +0.50 ms: {status})"
             )
+    auth64, limits64 = results.get((NGINX_AUTH, 64), []), results.get(("keygate+limits", 64), [])
+    if auth64 and limits64:
+        ratio = _median([a.rps / k.rps for a, k in zip(auth64, limits64, strict=False)])
+        status = "met" if ratio >= NGINX_AUTH_TARGET else "NOT met"
+        lines.append(
+            f"- {NGINX_AUTH} / keygate+limits req/s at 64 connections: {ratio:.2f} "
+            f"(target >= {NGINX_AUTH_TARGET:.2f}: {status})"
+        )
     for c in sorted({c for name, c in results if name == "keygate+limits"}):
         limited, plain = results.get(("keygate+limits", c), []), results.get(("keygate", c), [])
         if limited and plain:
@@ -982,7 +1099,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.redis_url:
             return _bench(args, procs, root, args.redis_url)
-        if any(name in KEYGATES for name in args.targets):  # one server for both keygates
+        if any(name in (*KEYGATES, NGINX_AUTH) for name in args.targets):  # one for all
             redis = EmbeddedRedis(root / "redis").start()
             cpu = procs.cpu_of("redis")
             if cpu is not None:
@@ -1015,7 +1132,10 @@ def _bench(args: argparse.Namespace, procs: Processes, root: Path, redis_url: st
         for name in KEYGATES
         if name in wanted
     ]
-    by_name = {t.name: t for t in (upstream, bare, nginx) if t is not None}
+    nginx_auth = None
+    if NGINX_AUTH in wanted and not args.no_nginx:
+        nginx_auth = start_nginx_auth(procs, root / "nginx-auth", upstream, redis_url)
+    by_name = {t.name: t for t in (upstream, bare, nginx, nginx_auth) if t is not None}
     by_name.update((k.target.name, k.target) for k in keygates)
     targets = [by_name[name] for name in TARGETS if name in wanted and name in by_name]
     preflight(targets, keygates)

@@ -438,15 +438,15 @@ RULES: dict[str, tuple[dict[Any, Any], list[str]]] = {
     "cost a number": (route(cost=0.002), ["routes[0].cost: must be a mapping"]),
     "resource with nothing": (
         route(resource={"max_body_bytes": 10}),
-        ["routes[0].resource: needs exactly one of json, query, path_segment"],
+        ["routes[0].resource: needs exactly one of json, query, path_segment, header"],
     ),
     "resource with two": (
         route(resource={"json": "model", "query": "model"}),
-        ["routes[0].resource: needs exactly one of json, query, path_segment"],
+        ["routes[0].resource: needs exactly one of json, query, path_segment, header"],
     ),
     "resource with an empty field": (
         route(resource={"query": ""}),
-        ["routes[0].resource: needs exactly one of json, query, path_segment"],
+        ["routes[0].resource: needs exactly one of json, query, path_segment, header"],
     ),
     "resource segment negative": (
         route(resource={"path_segment": -1}),
