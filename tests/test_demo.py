@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -144,3 +146,45 @@ def test_demo_prints_commands_that_work_as_printed(demo: object) -> None:
             # SO_REUSEADDR passes TIME_WAIT leftovers but not a live listener.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(("127.0.0.1", port))  # every listener it started is gone
+
+
+def test_demo_with_nginx_puts_nginx_in_front_asking_keygate(tmp_path: Path) -> None:
+    if shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("nginx is missing: .ci/run installs the Debian package nginx")
+        pytest.skip("nginx is not installed")
+    ports = [_free_port() for _ in range(5)]
+    names = ("--port", "--admin-port", "--upstream-port", "--nginx-port", "--auth-port")
+    argv = [sys.executable, "-m", "gateway", "demo", "--with", "nginx"]
+    argv += [str(v) for pair in zip(names, ports, strict=True) for v in pair]
+    process = subprocess.Popen(
+        [*argv, "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line or line.startswith("keygate demo is running"):
+                break
+            lines.append(line)
+        section = "".join(lines)
+        assert "nginx in front of the sample upstream" in section, section
+        nginx = f"http://127.0.0.1:{ports[3]}"
+        allowed, refused = re.findall(rf"^  (curl .*{nginx}.*)$", section, flags=re.M)
+        status, body = _call(allowed)
+        assert status == 200
+        echoed = json.loads(body)["headers"]
+        assert echoed["X-Keygate-Workspace-Id"] == "demo"
+        assert echoed["X-Keygate-Scopes"] == "chat:invoke echo:read"
+        assert "Authorization" not in echoed
+        assert _call(refused)[0] == 401
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 0
+    with pytest.raises(OSError):  # nginx stopped with the demo
+        socket.create_connection(("127.0.0.1", ports[3]), timeout=1).close()

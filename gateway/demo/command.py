@@ -24,6 +24,9 @@ def demo_settings(args: argparse.Namespace, upstream_port: int) -> Settings:
     raw: dict[str, Any] = {
         "listen": f"127.0.0.1:{args.port}",
         "admin_listen": f"127.0.0.1:{args.admin_port}",
+        "auth_listen": f"127.0.0.1:{args.auth_port}"
+        if getattr(args, "with_proxy", None) == "nginx"
+        else None,
         "redis": {"url": "embedded", "data_dir": str(args.data_dir)},
         "upstreams": {"demo": {"url": f"http://127.0.0.1:{upstream_port}"}},
         "routes": [
@@ -256,18 +259,31 @@ PY
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    for port in (args.port, args.admin_port, args.upstream_port):
+    ports = [args.port, args.admin_port, args.upstream_port]
+    if args.with_proxy == "nginx":
+        ports += [args.nginx_port, args.auth_port]
+    for port in ports:
         if not _port_free(port):
             print(
                 f"keygate demo: port {port} on 127.0.0.1 is in use; choose others with "
-                "--port, --admin-port and --upstream-port"
+                "--port, --admin-port, --upstream-port (--nginx-port, --auth-port)"
             )
+            return 1
+    if args.with_proxy == "nginx":
+        from gateway.demo.with_nginx import NginxUnavailable, nginx_binary
+
+        try:
+            nginx_binary()
+        except NginxUnavailable as exc:
+            print(f"keygate demo --with nginx: {exc}")
             return 1
     settings = demo_settings(args, args.upstream_port)
 
     # aiohttp and the servers load only when the demo runs, not for every CLI command.
     from gateway import server
     from gateway.demo.upstream import start_upstream
+
+    nginx: list[Any] = []  # the demo's nginx, once started
 
     async def task(url: str) -> None:
         upstream, _ = await start_upstream("127.0.0.1", args.upstream_port)
@@ -282,6 +298,19 @@ def run_demo(args: argparse.Namespace) -> int:
                 f"genai-prices' prices:\n\n{bill}",
                 flush=True,
             )
+            if args.with_proxy == "nginx":
+                from gateway.demo.with_nginx import start_nginx
+
+                nginx.append(
+                    await asyncio.to_thread(
+                        start_nginx,
+                        args.data_dir.resolve() / "nginx",
+                        args.nginx_port,
+                        args.auth_port,
+                        args.upstream_port,
+                    )
+                )
+                print(_nginx_instructions(args.nginx_port, user), flush=True)
             print(
                 _instructions(proxy, f"http://127.0.0.1:{args.admin_port}", admin, user),
                 flush=True,
@@ -290,11 +319,28 @@ def run_demo(args: argparse.Namespace) -> int:
         try:
             await server.serve(settings, url, on_ready=ready)
         finally:
+            for started in nginx:
+                started.stop()
             await upstream.cleanup()
         print("keygate demo stopped", flush=True)
 
     runtime.with_redis(settings, task, attach=False)
     return 0
+
+
+def _nginx_instructions(port: int, user: str) -> str:
+    nginx = f"http://127.0.0.1:{port}"
+    return f"""
+nginx in front of the sample upstream, asking keygate's auth listener about every request
+(deploy/forward-auth/nginx.conf; docs/forward-auth.md):
+
+  nginx   {nginx}      -> sample upstream; keygate decides, nginx moves the bytes
+
+  # 200: the upstream echoes the X-Keygate-Key-Id, -Workspace-Id and -Scopes nginx added:
+  curl -s {nginx}/echo/hello -H 'Authorization: Bearer {user}'
+  # 401, no key:
+  curl -s -o /dev/null -w '%{{http_code}}\\n' {nginx}/echo/hello
+"""
 
 
 def add_command(commands: Any) -> None:
@@ -304,6 +350,16 @@ def add_command(commands: Any) -> None:
     demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
     demo.add_argument("--admin-port", type=int, default=8081, help="admin port (default 8081)")
     demo.add_argument("--upstream-port", type=int, default=9000, help="sample upstream port")
+    demo.add_argument(
+        "--with",
+        dest="with_proxy",
+        choices=("nginx",),
+        help="also start nginx in front of the upstream, asking keygate (forward auth)",
+    )
+    demo.add_argument("--nginx-port", type=int, default=8088, help="nginx's port (--with nginx)")
+    demo.add_argument(
+        "--auth-port", type=int, default=8082, help="keygate's auth listener (--with nginx)"
+    )
     demo.add_argument(
         "--data-dir",
         type=Path,

@@ -107,6 +107,7 @@ async def test_200_the_upstream_gets_keygates_identity_headers_never_the_clients
     assert received(echo, "X-Keygate-Scopes") == ["echo:read"]
     (request_id,) = received(echo, "X-Keygate-Request-Id")
     assert request_id.startswith(issued.record.id + ".")
+    assert received(echo, "Authorization") == []  # the key stays at nginx
     assert [(hit.method, hit.raw_path) for hit in upstream.hits] == [("POST", "/echo/a?b=1")]
 
 
