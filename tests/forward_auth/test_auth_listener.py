@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from decimal import ROUND_HALF_UP
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from genai_prices import Usage, calc_price
 from redis.asyncio import Redis
 
 from gateway.store.record import MICRO, RateLimitSpec
@@ -241,3 +243,37 @@ def test_keygate_serve_opens_the_auth_listener_only_when_asked(tmp_path: Path) -
     off = embedded_config(tmp_path, routes=routes, upstreams=upstreams)
     with serving(write_config(tmp_path / "off.yaml", off), tmp_path), pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{auth_port}/auth/nginx", timeout=2)
+
+
+async def test_a_usage_block_is_priced_as_the_proxy_prices_it(
+    start_auth: StartAuth,
+    make_key: MakeKey,
+    http: aiohttp.ClientSession,
+    redis: Redis,
+    key_prefix: str,
+) -> None:
+    gw = await start_auth(routes=ROUTES)
+    issued = await make_key(scopes=["echo:read"])
+    reporter = await make_key(scopes=["keys:verify"])
+    allowed = await check(http, gw, "traefik", "POST", "/metered/chat", bearer(issued.secret))
+    token = allowed.headers["X-Keygate-Request-Id"]
+    usage_block = {"model": "gpt-4o-mini", "input_tokens": 12_000, "output_tokens": 3_000}
+    async with http.post(
+        f"{gw.url}/v1/usage",
+        json={"request_id": token, "usage": usage_block},
+        headers=bearer(reporter.secret),
+    ) as response:
+        assert response.status == 200
+        answer = await response.json()
+    price = calc_price(Usage(input_tokens=12_000, output_tokens=3_000), "gpt-4o-mini")
+    expected = int((price.total_price * MICRO).to_integral_value(ROUND_HALF_UP))
+    assert answer["charged"] == expected / MICRO and answer["settled"] is True
+    assert await usage(redis, key_prefix, issued.record.id) == expected
+    unpriced = {"model": "house-model-7b", "input_tokens": 1, "output_tokens": 1}
+    async with http.post(
+        f"{gw.url}/v1/usage",
+        json={"request_id": token, "usage": unpriced},
+        headers=bearer(reporter.secret),
+    ) as response:
+        assert response.status == 403
+        assert (await response.json(content_type=None))["code"] == "unpriced_model"
