@@ -413,3 +413,90 @@ async def test_an_anthropic_route_refuses_in_anthropics_error_shape(
     assert body["error"]["type"] == "permission_error"
     assert body["error"]["code"] == "unpriced_model"
     assert "house-model-7b" in body["error"]["message"]
+
+
+TIGHT_LLM = {
+    "name": "tight-llm",
+    "prefix": "/tight-llm",
+    "upstream": "tight",  # read timeout 0.3 s
+    "strip_prefix": True,
+    "cost": {"llm": "openai", "provider": "openai"},
+    "reserve": "auto",
+    "max_output_tokens": 256,
+}
+
+
+def estimate(body: bytes, delivered: str) -> int:
+    """A cut stream's charge: input from the body's size, output from the delivered text."""
+    usage = Usage(
+        input_tokens=math.ceil(len(body) / 4), output_tokens=math.ceil(len(delivered) / 4)
+    )
+    return micro(calc_price(usage, "gpt-4o-mini", provider_id="openai").total_price)
+
+
+async def test_a_stream_whose_client_left_is_charged_what_was_delivered(
+    start_gateway: StartGateway,
+    llm_key: Issued,
+    redis: Redis,
+    key_prefix: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    gw = await llm_gateway(start_gateway)
+    words = "one two three four five six"
+    raw = json.dumps(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": words}], "stream": True}
+    ).encode()
+    seen = ""
+    headers = {**bearer(llm_key.secret), "X-Demo-Delay": "0.3", "Content-Type": "application/json"}
+    async with http.post(
+        f"{gw.url}/openai/v1/chat/completions", data=raw, headers=headers
+    ) as response:
+        async for line in response.content:
+            if line.startswith(b"data: {"):
+                delta = json.loads(line[6:])["choices"][0]["delta"]
+                seen += delta.get("content") or ""
+            if seen == "Echo: one":
+                break  # and leave: the connection closes with the response
+    charged = await charged_when_settled(gw, redis, key_prefix, llm_key)
+    # What was written before keygate saw the client go: these two deltas, perhaps the next.
+    assert charged in (estimate(raw, "Echo: one"), estimate(raw, "Echo: one two"))
+
+
+async def test_a_stream_cut_by_the_read_timeout_is_charged_what_was_delivered(
+    start_gateway: StartGateway,
+    llm_key: Issued,
+    redis: Redis,
+    key_prefix: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    gw = await start_gateway(routes=[*LLM_ROUTES, TIGHT_LLM])
+    raw = json.dumps(
+        {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "one two"}],
+            "stream": True,
+        }
+    ).encode()
+    headers = {**bearer(llm_key.secret), "X-Demo-Delay": "2", "Content-Type": "application/json"}
+    got = b""
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.post(
+            f"{gw.url}/tight-llm/v1/chat/completions", data=raw, headers=headers
+        ) as response:
+            assert response.status == 200
+            async for chunk in response.content.iter_any():
+                got += chunk
+    assert b'"content":"Echo:"' in got and b" one" not in got
+    assert await charged_when_settled(gw, redis, key_prefix, llm_key) == estimate(raw, "Echo:")
+
+
+async def charged_when_settled(gw: Gateway, redis: Redis, key_prefix: str, issued: Issued) -> int:
+    """The key's usage once the request that was cut has been settled (its handler ends a
+    moment after the client sees the end)."""
+    for _ in range(100):
+        await gw.proxy.settlements.drain()
+        in_flight = await redis.hlen(f"{key_prefix}le:{{{issued.record.id}}}")
+        if not in_flight:
+            break
+        await asyncio.sleep(0.05)
+    return await charged(gw, redis, key_prefix, issued)
