@@ -929,7 +929,9 @@ def profile_target(
         return
     out = root / "py-spy.txt"
     seconds = int(duration) + 2  # the whole wrk run; idle samples are not recorded anyway
-    pid = next(s.process.pid for s in procs.started if s.name == target.name)
+    # nginx+keygate-auth: the Python process is its keygate, behind nginx.
+    sampled = NGINX_AUTH_KEYGATE if target.name == NGINX_AUTH else target.name
+    pid = next(s.process.pid for s in procs.started if s.name == sampled)
     argv = [binary, "record", "--pid", str(pid), "--duration", str(seconds)]
     argv += ["--rate", str(PROFILE_RATE), "--format", "raw", "--nolineno", "--output", str(out)]
     spy = procs.start("py-spy", argv)
@@ -1054,7 +1056,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", action="store_true", help="then profile keygate with py-spy")
     parser.add_argument(
         "--profile-target",
-        choices=("bare", *KEYGATES),
+        choices=("bare", *KEYGATES, NGINX_AUTH),
         default="keygate",
         help="which Python proxy --profile samples (default keygate)",
     )
