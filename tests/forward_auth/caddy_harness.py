@@ -10,16 +10,13 @@ keeps what it writes (autosaved config, data).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
+from tests.forward_auth.processes import missing, render, stop, wait_listening
 from tests.procs import free_port
 
 CADDYFILE = Path(__file__).resolve().parents[2] / "deploy" / "forward-auth" / "Caddyfile"
@@ -32,19 +29,8 @@ def caddy_binary() -> str:
     """``caddy`` on PATH; fail under CI, skip elsewhere."""
     found = shutil.which("caddy")
     if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("caddy is missing: CI installs the Debian package caddy")
-        pytest.skip("caddy is not installed (apt-get install caddy)")
+        missing("caddy", ".ci/run installs the Debian package caddy")
     return found
-
-
-def render(template: Path, values: dict[str, str]) -> str:
-    """The file with every ``__NAME__`` placeholder replaced; all of them must be given."""
-    text = template.read_text(encoding="utf-8")
-    for name, value in values.items():
-        assert name in text, f"{template.name} has no placeholder {name}"
-        text = text.replace(name, value)
-    return text
 
 
 @dataclass
@@ -66,7 +52,7 @@ async def start_caddy(workdir: Path, *, keygate_auth: str, upstream_url: str) ->
     returns once it accepts connections (Caddy listens only after its config is loaded)."""
     found = _launch(workdir, keygate_auth=keygate_auth, upstream_url=upstream_url)
     try:
-        await _wait_ready(found)
+        await wait_listening("caddy", found.process, found.port, found.output)
     except BaseException:
         stop_caddy(found)
         raise
@@ -114,36 +100,6 @@ def _launch(workdir: Path, *, keygate_auth: str, upstream_url: str) -> Caddy:
     return Caddy(process, port, log)
 
 
-async def _wait_ready(caddy: Caddy) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + READY_TIMEOUT
-    while True:
-        if caddy.process.poll() is not None:
-            raise AssertionError(f"caddy exited early:\n{caddy.output()}")
-        if await _accepts(caddy.port):
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"caddy not ready in {READY_TIMEOUT}s:\n{caddy.output()}")
-        await asyncio.sleep(0.05)
-
-
-async def _accepts(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection(LOOPBACK, port)
-    except OSError:
-        return False
-    writer.close()
-    await writer.wait_closed()
-    return True
-
-
-def stop_caddy(caddy: Caddy) -> None:
-    """SIGTERM to this Caddy's PID (its graceful shutdown), SIGKILL if it outstays."""
-    process = caddy.process
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT)
+def stop_caddy(found: Caddy) -> None:
+    """Stop this caddy by its PID (SIGTERM, then SIGKILL if it outstays)."""
+    stop(found.process)

@@ -7,16 +7,12 @@ binary fails the test: missing there is a broken install, never a reason to skip
 
 from __future__ import annotations
 
-import asyncio
-import os
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
+from tests.forward_auth.processes import missing, render, stop, wait_listening
 from tests.procs import free_port
 
 FORWARD_AUTH = Path(__file__).resolve().parents[2] / "deploy" / "forward-auth"
@@ -31,19 +27,8 @@ def nginx_binary() -> str:
     """nginx on PATH (or Debian's /usr/sbin/nginx, often not on a user's PATH); fail under CI."""
     found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
     if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("nginx is missing: .ci/run installs the Debian package nginx")
-        pytest.skip("nginx is not installed (apt-get install nginx)")
+        missing("nginx", ".ci/run installs the Debian package nginx")
     return found
-
-
-def render(template: Path, values: dict[str, str]) -> str:
-    """The file with every ``__NAME__`` placeholder replaced; all of them must be given."""
-    text = template.read_text(encoding="utf-8")
-    for name, value in values.items():
-        assert name in text, f"{template.name} has no placeholder {name}"
-        text = text.replace(name, value)
-    return text
 
 
 @dataclass
@@ -66,7 +51,7 @@ async def start_nginx(prefix: Path, *, keygate_auth: str, upstream: str) -> Ngin
     config, pid file and log (stdout and stderr, the access and error logs)."""
     found = launch_nginx(prefix, keygate_auth=keygate_auth, upstream=upstream)
     try:
-        await _wait_ready(found)
+        await wait_listening("nginx", found.process, found.port, found.output)
     except BaseException:
         stop_nginx(found)
         raise
@@ -104,39 +89,6 @@ def launch_nginx(prefix: Path, *, keygate_auth: str, upstream: str) -> Nginx:
     return Nginx(process, port, log)
 
 
-async def _wait_ready(nginx: Nginx) -> None:
-    """Until nginx's listener takes connections (it binds before its workers start, and
-    the kernel queues connections for them meanwhile)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + READY_TIMEOUT
-    while True:
-        if nginx.process.poll() is not None:
-            raise AssertionError(f"nginx exited early:\n{nginx.output()}")
-        if await _accepts(nginx.port):
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"nginx not ready in {READY_TIMEOUT}s:\n{nginx.output()}")
-        await asyncio.sleep(0.05)
-
-
-async def _accepts(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection(LOOPBACK, port)
-    except OSError:
-        return False
-    writer.close()
-    await writer.wait_closed()
-    return True
-
-
-def stop_nginx(nginx: Nginx) -> None:
-    """SIGTERM to this nginx's master PID (fast shutdown; its workers follow), SIGKILL to
-    its process group if it outstays."""
-    process = nginx.process
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(STOP_TIMEOUT)
+def stop_nginx(found: Nginx) -> None:
+    """Stop this nginx by its PID (SIGTERM, then SIGKILL if it outstays)."""
+    stop(found.process, group=True)

