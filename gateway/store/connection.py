@@ -55,7 +55,7 @@ def client_for(target: RedisTarget, settings: RedisSettings) -> StoreClient:
             "password": target.sentinel_password,
             **(target.tls.redis_py() if target.tls else {}),
         }
-        sentinel = Sentinel(list(target.hosts), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(list(target.hosts), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call, unused-ignore]
         primary: Redis = sentinel.master_for(target.service, redis_class=Redis, **options)
         return primary
     if target.path is not None:
