@@ -150,6 +150,7 @@ class ListenerGuard:
 
 _TITLES = {
     400: "Invalid request",
+    413: "Payload too large",
     408: "Request timeout",
     414: "URI too long",
     431: "Request headers too large",
@@ -168,6 +169,27 @@ def _problem_body(status: int, code: str, detail: str) -> str:
             "code": code,
         }
     )
+
+
+def fixed_problem(status: int, code: str, detail: str) -> bytes:
+    """A fixed problem as a whole HTTP/1.1 answer that closes its connection (the auth
+    listener writes its own bytes)."""
+    body = _problem_body(status, code, detail).encode()
+    reason = _REASONS.get(status, _TITLES[status])
+    return (
+        b"HTTP/1.1 %d %b\r\nContent-Type: application/problem+json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%b"
+        % (status, reason.encode(), len(body), body)
+    )
+
+
+_REASONS = {  # the status lines' reason phrases (RFC 9110)
+    400: "Bad Request",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+}
 
 
 def _problem(status: int, code: str, detail: str) -> web.Response:
@@ -204,6 +226,14 @@ _PARSER_REASONS = (
 )
 
 
+def parser_detail(message: str) -> str:
+    """keygate's words for an llhttp error message (nothing of the request in them)."""
+    for reason, detail in _PARSER_REASONS:
+        if message.startswith(reason):
+            return detail
+    return "the request head is not valid HTTP/1.1"
+
+
 def malformed(exc: BaseException, url_limit: int, field_limit: int) -> tuple[int, str, str]:
     """Status, code and detail for a request aiohttp could not parse: fixed phrases only."""
     if isinstance(exc, http_exceptions.LineTooLong):
@@ -235,7 +265,7 @@ def malformed(exc: BaseException, url_limit: int, field_limit: int) -> tuple[int
     return 400, "invalid_request", "the request head is not valid HTTP/1.1"
 
 
-def _frames(exc: BaseException | None) -> str:
+def error_frames(exc: BaseException | None) -> str:
     """Where an exception came from, without its message (which may quote a request)."""
     if exc is None or exc.__traceback__ is None:
         return ""
@@ -436,14 +466,14 @@ class ClientConnection(RequestHandler):
             return _problem(status, code, detail)
         if status == 504:
             return _problem(504, "gateway_timeout", "the request took too long")
-        log.error("a request handler failed (%s)%s", name, _frames(exc))
+        log.error("a request handler failed (%s)%s", name, error_frames(exc))
         return _problem(500, "internal_error", "internal error; see the gateway log")
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         """aiohttp's other error logs on this connection, without the exception's message."""
         exc = kw.get("exc_info")
         error = exc if isinstance(exc, BaseException) else None
-        log.error("error on a client connection (%s)%s", type(error).__name__, _frames(error))
+        log.error("error on a client connection (%s)%s", type(error).__name__, error_frames(error))
 
 
 def unanswered_status(request: web.BaseRequest) -> int:
@@ -493,13 +523,6 @@ def proxy_server(handler: Handler, settings: Settings, metrics: Metrics) -> Guar
     (which drops the upstream exchange), and no access log of aiohttp's (keygate has its
     own)."""
     guard = ListenerGuard("proxy", settings, connection_budget(settings), metrics)
-    return GuardedServer(handler, guard, handler_cancellation=True, access_log=None)
-
-
-def auth_server(handler: Handler, settings: Settings, metrics: Metrics) -> GuardedServer:
-    """The auth listener's server (forward auth): the proxy listener's limits, counted as
-    its own listener."""
-    guard = ListenerGuard("auth", settings, connection_budget(settings), metrics)
     return GuardedServer(handler, guard, handler_cancellation=True, access_log=None)
 
 

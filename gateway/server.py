@@ -19,7 +19,7 @@ from gateway.admin.reload import Reload
 from gateway.app import build_proxy, proxy_server
 from gateway.config.model import Address, Settings
 from gateway.config.reloadable import ReloadResult
-from gateway.forward_auth.app import auth_server
+from gateway.forward_auth.wire import AuthListener
 from gateway.listener import operator_runner
 from gateway.proxy.live import LiveProxy, Reread
 from gateway.runtime import open_store
@@ -76,11 +76,8 @@ async def serve(
                 metrics_app, settings, proxy.metrics, shutdown_timeout=grace, listener="metrics"
             )
             listeners.append((metrics_runner, settings.metrics.listen, "metrics"))
-        if settings.auth_listen is not None:  # forward auth for nginx, Traefik, Caddy, Envoy
-            auth_runner = web.ServerRunner(
-                auth_server(live), handle_signals=False, shutdown_timeout=grace
-            )
-            listeners.append((auth_runner, settings.auth_listen, "auth"))
+        # Forward auth for nginx, Traefik, Caddy, Envoy: its own server (wire.py).
+        auth = AuthListener(live) if settings.auth_listen is not None else None
         # Signals are handled before the supervisor hears "serving": a SIGTERM or SIGHUP
         # that follows it at once must stop or reload, not kill the process outright.
         signals = _Signals(live)
@@ -95,6 +92,9 @@ async def serve(
                     await web.SockSite(runner, sock).start()
                 if runner.sites:
                     log.info("%s listener on %s", name, _bound(runner) or address)
+            if auth is not None and listening.get("auth"):
+                await auth.start(listening["auth"])
+                log.info("auth listener on %s", ", ".join(auth.addresses))
             report_ready()  # to the supervisor, when this process is one of its workers
             # Everything built at startup lives until exit: keep it out of the cyclic
             # collector's sweeps, which otherwise rescan it on every full collection.
@@ -106,8 +106,11 @@ async def serve(
         finally:
             signals.remove()
             log.info("stopping")
-            for runner, _, _ in listeners:
-                await runner.cleanup()
+            # Every listener stops accepting at once; each lets its requests finish.
+            closing = [runner.cleanup() for runner, _, _ in listeners]
+            if auth is not None:
+                closing.append(auth.close(grace))
+            await asyncio.gather(*closing)
             await live.close()
             await multiplexer.close()
 

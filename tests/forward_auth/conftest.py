@@ -11,18 +11,18 @@ Envoy) forward to.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from gateway.app import build_proxy
 from gateway.config.load import build
 from gateway.config.model import Settings
-from gateway.forward_auth.app import auth_server
+from gateway.forward_auth.wire import AuthListener
 from gateway.proxy.live import LiveProxy
 from gateway.proxy.service import Proxy
 from gateway.store.cluster_multiplex import Multiplexer, multiplexer_for
@@ -50,7 +50,7 @@ StartAuth = Callable[..., Awaitable[AuthGateway]]
 async def start_auth(
     redis_url: str, key_prefix: str, upstream: Upstream, tmp_path: Path, store: KeyStore
 ) -> AsyncIterator[StartAuth]:
-    started: list[tuple[web.ServerRunner, Proxy, Multiplexer]] = []
+    started: list[tuple[AuthListener, Proxy, Multiplexer]] = []
 
     async def start(*, routes: list[dict[str, Any]] | None = None, **sections: Any) -> AuthGateway:
         raw = {
@@ -68,14 +68,16 @@ async def start_auth(
         mux = multiplexer_for(settings.redis, settings.redis.url)
         proxy = build_proxy(settings, mux, store=store)
         await proxy.start()
-        runner = web.ServerRunner(auth_server(LiveProxy(proxy)), shutdown_timeout=0.5)
-        await runner.setup()
-        started.append((runner, proxy, mux))
-        await web.TCPSite(runner, LOOPBACK, 0).start()
-        return AuthGateway(proxy, settings, int(runner.addresses[0][1]))
+        listener = AuthListener(LiveProxy(proxy))
+        sock = socket.socket()
+        sock.bind((LOOPBACK, 0))
+        sock.listen(128)
+        await listener.start([sock])
+        started.append((listener, proxy, mux))
+        return AuthGateway(proxy, settings, sock.getsockname()[1])
 
     yield start
-    for runner, proxy, mux in reversed(started):
-        await runner.cleanup()
+    for listener, proxy, mux in reversed(started):
+        await listener.close(grace=0.5)
         await proxy.close()
         await mux.close()
