@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from aiohttp import web
-from yarl import URL
+from multidict import CIMultiDictProxy
 
 from gateway.errors import Outcome, problem
 from gateway.forward_auth.original import Caller, caller_of, original_request
@@ -39,6 +40,35 @@ from gateway.proxy.service import Proxy
 # Headers of a refusal nginx passes to its client when its config copies them.
 _STATUS = "X-Keygate-Status"
 _REASON = "X-Keygate-Deny-Reason"
+
+
+class Allowed:
+    """A check's 200: only headers, no body. Lighter than an aiohttp ``Response`` (no
+    multidict, no cookie jar), which the auth listener would only take apart again to
+    write it (gateway/forward_auth/wire.py)."""
+
+    __slots__ = ("headers",)
+    status = 200
+    reason = "OK"
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+
+
+Answer = web.StreamResponse | Allowed
+
+
+class Incoming(Protocol):
+    """A request as the auth listener parsed it (gateway/forward_auth/wire.py)."""
+
+    method: str
+    raw_path: str  # the request target, as sent
+    headers: CIMultiDictProxy[str]
+
+    def as_aiohttp(self, method: str, target: str) -> web.BaseRequest:
+        """This request as aiohttp's ``BaseRequest`` with ``method`` and ``target``, which
+        the proxy's chain reads: a check becomes the original request it names, with the
+        check's headers. Raises ValueError for a target that is no URL."""
 
 
 def request_token(key_id: str, entry: str, workspace_id: str | None) -> str:
@@ -54,7 +84,7 @@ class ForwardAuth:
     def __init__(self, current: Callable[[], Proxy]) -> None:
         self.current = current
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Incoming) -> Answer:
         proxy = self.current()
         raw = request.raw_path
         if raw in ("/v1/usage", "/v1/verify"):
@@ -64,9 +94,10 @@ class ForwardAuth:
                     "this endpoint takes POST",
                     headers={"Allow": "POST"},
                 )
+            as_sent = request.as_aiohttp(request.method, raw)
             if raw == "/v1/usage":
-                return await report_usage(proxy, request)
-            return await verify_key(proxy, request)
+                return await report_usage(proxy, as_sent)
+            return await verify_key(proxy, as_sent)
         caller = caller_of(raw)
         if caller is None:
             return problem(
@@ -76,22 +107,24 @@ class ForwardAuth:
             )
         return await self.check(proxy, caller, request)
 
-    async def check(
-        self, proxy: Proxy, caller: Caller, request: web.BaseRequest
-    ) -> web.StreamResponse:
+    async def check(self, proxy: Proxy, caller: Caller, request: Incoming) -> Answer:
         """Authorize the original request a check request names."""
         started = time.perf_counter()
         original = original_request(caller, request.method, request.raw_path, request.headers)
         if isinstance(original, str):
             return _answer(caller, problem(Outcome.INVALID_REQUEST, original))
-        as_sent = request.clone(method=original.method, rel_url=URL(original.target, encoded=True))
+        try:
+            as_sent = request.as_aiohttp(original.method, original.target)
+        except ValueError:  # yarl refused it
+            detail = "the original request's target is not a valid URL"
+            return _answer(caller, problem(Outcome.INVALID_REQUEST, detail))
         ctx = RequestContext(as_sent, request_id(request.headers.get(REQUEST_ID)))
         refused: web.StreamResponse | None = None
         for step in proxy.chain:
             refused = await step(proxy.deps, ctx)
             if refused is not None:
                 break
-        answer: web.StreamResponse
+        answer: Answer
         if refused is None:
             answer = self._allow(proxy, ctx)
         else:
@@ -102,7 +135,7 @@ class ForwardAuth:
         proxy.metrics.request(route, original.method, answer.status, ctx.outcome.value, total, None)
         return answer
 
-    def _allow(self, proxy: Proxy, ctx: RequestContext) -> web.Response:
+    def _allow(self, proxy: Proxy, ctx: RequestContext) -> Allowed:
         # All four identity headers on every allow, empty when unknown (fail_open, or no
         # ledger entry): a proxy copying an absent one may pass its template text on
         # (Caddy 2.6 does).
@@ -121,7 +154,7 @@ class ForwardAuth:
             headers["X-Keygate-Workspace-Id"] = key.workspace_id
             headers["X-Keygate-Scopes"] = key.scopes_header
         if decision is None or key is None or policy is None:  # fail_open: nothing held
-            return web.Response(status=200, headers=headers)
+            return Allowed(headers)
         if decision.entry:
             held_by = key.workspace_id if ctx.workspace is not None else None
             headers["X-Keygate-Request-Id"] = request_token(key.id, decision.entry, held_by)
@@ -132,7 +165,7 @@ class ForwardAuth:
             # that charges nothing may still hold a max_in_flight slot: freed now.)
             ctx.upstream_status, ctx.responded = 200, True
             ctx.charged = proxy.settlements.settle(ctx, decision, policy.meter())
-        return web.Response(status=200, headers=headers)
+        return Allowed(headers)
 
 
 def _answer(

@@ -49,7 +49,7 @@ from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.forward_auth.service import ForwardAuth
+from gateway.forward_auth.service import Allowed, Answer, ForwardAuth
 from gateway.listener import (
     REQUEST_TIMEOUT,
     ListenerGuard,
@@ -92,9 +92,9 @@ class _Request:
         "body",
         "chunked",
         "head_only",
-        "headers",
         "keep_alive",
         "method",
+        "raw_headers",
         "target",
         "version",
     )
@@ -103,7 +103,7 @@ class _Request:
         self,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        raw_headers: list[tuple[bytes, bytes]],
         body: bytes,
         keep_alive: bool,
         chunked: bool,
@@ -111,12 +111,38 @@ class _Request:
     ) -> None:
         self.method = method
         self.target = target
-        self.headers = headers
+        self.raw_headers = raw_headers
         self.body = body
         self.keep_alive = keep_alive
         self.chunked = chunked
         self.version = version
         self.head_only = method == "HEAD"
+
+
+class _Incoming:
+    """A parsed request as ``ForwardAuth`` reads it (its ``Incoming``)."""
+
+    __slots__ = ("_connection", "_request", "headers", "method", "raw_path")
+
+    def __init__(self, connection: AuthConnection, request: _Request) -> None:
+        self._connection = connection
+        self._request = request
+        self.method = request.method
+        self.raw_path = request.target
+        self.headers = CIMultiDictProxy(
+            CIMultiDict(
+                [
+                    (
+                        name.decode("utf-8", "surrogateescape"),
+                        value.decode("utf-8", "surrogateescape"),
+                    )
+                    for name, value in request.raw_headers
+                ]
+            )
+        )
+
+    def as_aiohttp(self, method: str, target: str) -> web.BaseRequest:
+        return self._connection.as_aiohttp(self._request, self.headers, method, target)
 
 
 class _Clock:
@@ -137,9 +163,18 @@ class _Clock:
 _CLOCK = _Clock()
 
 
-def encode(response: web.StreamResponse, *, head_only: bool, close: bool) -> bytes:
+def encode(response: Answer, *, head_only: bool, close: bool) -> bytes:
     """A handler's answer as HTTP/1.1 bytes: its status, headers and body, framed with
     Content-Length (and ``Connection: close`` when the connection ends after it)."""
+    if isinstance(response, Allowed):  # the common answer, and bodiless: the short way
+        fields = "".join([f"{name}: {value}\r\n" for name, value in response.headers.items()])
+        lines = len(response.headers)
+        if fields.count("\n") != lines or fields.count("\r") != lines:
+            raise ValueError("a header of the answer holds a line break")
+        ending = "Connection: close\r\n\r\n" if close else "\r\n"
+        return (
+            f"HTTP/1.1 200 OK\r\n{fields}Content-Length: 0\r\nDate: {_CLOCK.date()}\r\n{ending}"
+        ).encode()
     body = response.body if isinstance(response, web.Response) else None
     if body is None:
         payload = b""
@@ -180,7 +215,8 @@ class AuthConnection(asyncio.Protocol):
         # The request being parsed.
         self._target: list[bytes] = []
         self._target_size = 0
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[bytes, bytes]] = []  # as received
+        self._chunked = False
         self._body: list[bytes] = []
         self._body_size = 0
         self._expects_continue = False
@@ -302,6 +338,7 @@ class AuthConnection(asyncio.Protocol):
         self._target = []
         self._target_size = 0
         self._headers = []
+        self._chunked = False
         self._body = []
         self._body_size = 0
         self._expects_continue = False
@@ -319,24 +356,29 @@ class AuthConnection(asyncio.Protocol):
             raise _Refused(431, "headers_too_large", detail)
         if len(self._headers) >= MAX_FIELDS:
             raise _Refused(431, "headers_too_large", "the request has too many header fields")
-        self._headers.append(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        )
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
-        announced = _announced_length(self._headers)
+        announced: int | None = None
+        expects = False
+        for name, value in self._headers:  # the framing fields; llhttp vetted their values
+            if len(name) not in (6, 14, 17):  # "expect", "content-length", "transfer-encoding"
+                continue
+            lowered = name.lower()
+            if lowered == b"content-length":
+                text = value.strip()
+                announced = int(text) if text.isdigit() else None
+            elif lowered == b"transfer-encoding":
+                self._chunked = self._chunked or b"chunked" in value.lower()
+            elif lowered == b"expect":
+                expects = value.strip().lower() == b"100-continue"
         if announced is not None and announced > MAX_BODY:
             raise _Refused(413, "payload_too_large", f"a body here is at most {MAX_BODY} bytes")
         self._phase = "body"
         now = self._loop.time()
         self._window_start, self._window_bytes = now, 0
-        self._expects_continue = parser.get_http_version() == "1.1" and any(
-            name.lower() == "expect" and value.strip().lower() == "100-continue"
-            for name, value in self._headers
-        )
-        chunked = _chunked(self._headers)
-        if self._expects_continue and (chunked or bool(announced)):
+        self._expects_continue = expects and self._parser.get_http_version() == "1.1"
+        if self._expects_continue and (self._chunked or bool(announced)):
             if self.busy:
                 self._continue_held = True  # asked once the answers before it are out
             else:
@@ -357,7 +399,7 @@ class AuthConnection(asyncio.Protocol):
             self._headers,
             b"".join(self._body),
             parser.should_keep_alive(),
-            _chunked(self._headers),
+            self._chunked,
             _VERSIONS.get(parser.get_http_version(), HttpVersion11),
         )
         self._queue.append(request)
@@ -396,12 +438,11 @@ class AuthConnection(asyncio.Protocol):
         close = not request.keep_alive or (self._close_after_queue and not self._queue)
         try:
             try:
-                as_aiohttp = self._request(request)
-            except ValueError:  # yarl refused the target
+                response = await self._listener.handler.handle(_Incoming(self, request))
+            except ValueError:  # yarl refused the target of a request to /v1/...
                 detail = "the request target is not a valid URL"
                 data, close = fixed_problem(400, "invalid_request", detail), True
             else:
-                response = await self._listener.handler.handle(as_aiohttp)
                 data = encode(response, head_only=request.head_only, close=close)
         except asyncio.CancelledError:
             raise
@@ -425,24 +466,25 @@ class AuthConnection(asyncio.Protocol):
             transport.resume_reading()
         self._next()
 
-    def _request(self, request: _Request) -> web.BaseRequest:
-        """The request as aiohttp's ``BaseRequest``, which the proxy's chain reads."""
-        headers = CIMultiDictProxy(CIMultiDict(request.headers))
-        raw_headers = tuple(
-            (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
-            for name, value in request.headers
-        )
+    def as_aiohttp(
+        self,
+        request: _Request,
+        headers: CIMultiDictProxy[str],
+        method: str,
+        target: str,
+    ) -> web.BaseRequest:
+        """``request`` as aiohttp's ``BaseRequest``, with ``method`` and ``target``."""
         message = RawRequestMessage(
-            request.method,
-            request.target,
+            method,
+            target,
             request.version,
             headers,
-            raw_headers,
+            tuple(request.raw_headers),
             not request.keep_alive,
             None,
             False,
             request.chunked,
-            URL(request.target, encoded=True),
+            URL(target, encoded=True),
         )
         payload: StreamReader = EMPTY_PAYLOAD
         if request.body:
@@ -538,21 +580,6 @@ class AuthConnection(asyncio.Protocol):
                 transport.close()
                 return
         self._timer = self._loop.call_at(deadline, self._tick)
-
-
-def _chunked(headers: list[tuple[str, str]]) -> bool:
-    return any(
-        name.lower() == "transfer-encoding" and "chunked" in value.lower()
-        for name, value in headers
-    )
-
-
-def _announced_length(headers: list[tuple[str, str]]) -> int | None:
-    for name, value in headers:
-        if name.lower() == "content-length":
-            text = value.strip()
-            return int(text) if text.isdigit() else None
-    return None
 
 
 def _malformed(exc: httptools.HttpParserError, *, first_bytes: bytes) -> bytes:

@@ -137,6 +137,7 @@ class Processes:
         self.log_dir = log_dir
         self.started: list[Started] = []
         self.pin = pin
+        self.redis_pid: int | None = None  # the embedded Redis, whose CPU time runs report
 
     def cpu_of(self, name: str) -> int | None:
         """With --pin: the proxies measured get CPU 0 to themselves; the load generator,
@@ -231,6 +232,7 @@ class Target:
     port: int
     headers: dict[str, str] = field(default_factory=dict)
     note: str = ""
+    keygate_pid: int | None = None  # the keygate process whose CPU time a run reports
 
     @property
     def url(self) -> str:
@@ -416,7 +418,8 @@ def start_nginx_auth(
     wait_for_port(port, procs.start(NGINX_AUTH, argv))
     note = "nginx (1 worker) + auth_request to keygate's auth listener (1 worker): "
     note += f"auth + scope, rate limit, spending limit, fixed cost {COST} charged per request"
-    return Target(NGINX_AUTH, port, {"Authorization": f"Bearer {key}"}, note=note)
+    headers = {"Authorization": f"Bearer {key}"}
+    return Target(NGINX_AUTH, port, headers, note=note, keygate_pid=keygate.process.pid)
 
 
 @dataclass
@@ -488,7 +491,8 @@ def start_keygate(
             f", + rate limit, spending limit, reserve {RESERVE:g}, "
             f"cost from {COST_HEADER} settled per request"
         )
-    target = Target(name, port, {"Authorization": f"Bearer {key}"}, note=note)
+    headers = {"Authorization": f"Bearer {key}"}
+    target = Target(name, port, headers, note=note, keygate_pid=started.process.pid)
     return Keygate(target, started, config, key, denied_key, limits)
 
 
@@ -745,6 +749,10 @@ class WrkResult:
     non_2xx: int
     socket_errors: dict[str, int]
     output: str
+    # CPU time per request (µs) of the target's keygate process and of Redis during the
+    # run; None where there is none or it is not this harness's own.
+    keygate_us: float | None = None
+    redis_us: float | None = None
 
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
@@ -789,12 +797,16 @@ def run_wrk(
     target: Target, connections: int, duration: float, threads: int, procs: Processes
 ) -> WrkResult:
     argv = procs.pinned("wrk", wrk_argv(target, connections, duration, threads))
+    keygate_before, redis_before = cpu_seconds(target.keygate_pid), cpu_seconds(procs.redis_pid)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
+    keygate_after, redis_after = cpu_seconds(target.keygate_pid), cpu_seconds(procs.redis_pid)
     if done.returncode != 0:
         raise BenchError(
             f"wrk exited with {done.returncode} on {target.name}:\n{done.stdout}{done.stderr}"
         )
     result = parse_wrk(done.stdout)
+    result.keygate_us = _per_request(keygate_before, keygate_after, result.requests)
+    result.redis_us = _per_request(redis_before, redis_after, result.requests)
     procs.check_alive()
     problems = []
     if result.non_2xx:
@@ -808,6 +820,24 @@ def run_wrk(
             f"responses. wrk output:\n{result.output}"
         )
     return result
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used so far (Linux /proc); None without one."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _per_request(before: float | None, after: float | None, requests: int) -> float | None:
+    if before is None or after is None or not requests:
+        return None
+    return (after - before) * 1e6 / requests
 
 
 # -------------------------------------------------------------------------------- reports
@@ -842,6 +872,26 @@ def table(targets: Sequence[Target], connections: Sequence[int], results: Result
                 f"| {min(rps):,.0f}-{max(rps):,.0f} |"
             )
     return "\n".join(lines)
+
+
+def cpu_table(targets: Sequence[Target], connections: Sequence[int], results: Results) -> str:
+    """CPU time per request of each target's keygate process and of Redis (medians over
+    rounds): what a keygate core and a Redis core each serve, whatever else shares the
+    machine."""
+    lines = [
+        "| target | conns | keygate CPU µs/req | Redis CPU µs/req |",
+        "|---|---:|---:|---:|",
+    ]
+    for c in connections:
+        for t in targets:
+            runs = results.get((t.name, c), [])
+            keygate = [r.keygate_us for r in runs if r.keygate_us is not None]
+            redis = [r.redis_us for r in runs if r.redis_us is not None]
+            if not keygate:
+                continue
+            shown = f"{_median(redis):.1f}" if redis else "n/a"
+            lines.append(f"| {t.name} | {c} | {_median(keygate):.1f} | {shown} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 # Requests/s against bare at 64 connections: issue 3's target for keygate, issue 4's for
@@ -879,6 +929,16 @@ def verdict(results: Results) -> list[str]:
             f"- {NGINX_AUTH} / keygate+limits req/s at 64 connections: {ratio:.2f} "
             f"(target >= {NGINX_AUTH_TARGET:.2f}: {status})"
         )
+        auth_cpu = [a.keygate_us for a in auth64 if a.keygate_us]
+        limits_cpu = [k.keygate_us for k in limits64 if k.keygate_us]
+        if auth_cpu and limits_cpu:
+            lines.append(
+                f"- keygate CPU per request at 64 connections: keygate+limits "
+                f"{_median(limits_cpu):.1f} µs, {NGINX_AUTH}'s auth listener "
+                f"{_median(auth_cpu):.1f} µs: a keygate core authorizes "
+                f"{_median(limits_cpu) / _median(auth_cpu):.2f}x the requests behind nginx "
+                "that it proxies itself"
+            )
     for c in sorted({c for name, c in results if name == "keygate+limits"}):
         limited, plain = results.get(("keygate+limits", c), []), results.get(("keygate", c), [])
         if limited and plain:
@@ -1104,8 +1164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(name in (*KEYGATES, NGINX_AUTH) for name in args.targets):  # one for all
             redis = EmbeddedRedis(root / "redis").start()
             cpu = procs.cpu_of("redis")
+            procs.redis_pid = server_pid(redis.socket_path)
             if cpu is not None:
-                os.sched_setaffinity(server_pid(redis.socket_path), {cpu})
+                os.sched_setaffinity(procs.redis_pid, {cpu})
         return _bench(args, procs, root, redis.url if redis is not None else "")
     except BenchError as exc:
         keep = True
@@ -1214,6 +1275,9 @@ def _bench(args: argparse.Namespace, procs: Processes, root: Path, redis_url: st
     )
     print(table(targets, connections, results))
     print("\nMedians over rounds; `req/s vs bare` is the median of per-round ratios.")
+    cpu = cpu_table(targets, connections, results)
+    if cpu:
+        print(f"\n{cpu}\n")
     for line in verdict(results):
         print(line)
     if usage_lines:
