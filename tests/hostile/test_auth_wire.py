@@ -74,7 +74,7 @@ class Answer:
         self.body = body
 
     def problem(self) -> dict[str, Any]:
-        assert self.headers["content-type"] == "application/problem+json"
+        assert self.headers["content-type"].startswith("application/problem+json")
         parsed: dict[str, Any] = json.loads(self.body)
         return parsed
 
@@ -572,3 +572,26 @@ async def test_the_upstream_is_never_reached_by_a_check(
     finally:
         writer.transport.abort()
     assert upstream.hits == []
+
+
+async def test_an_original_target_that_is_no_url_is_a_bad_request_not_a_failure(
+    start_auth: StartAuth, make_key: MakeKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = await start_auth(routes=ROUTES)
+    issued = await make_key(scopes=["echo:read"])
+    nginx = (
+        "GET /auth/nginx HTTP/1.1\r\nHost: keygate\r\nX-Original-Method: GET\r\n"
+        f"X-Original-URI: //[::1/echo/x\r\nAuthorization: Bearer {issued.secret}\r\n\r\n"
+    ).encode()
+    traefik = traefik_check(issued.secret).replace(b"Uri: /echo/x", b"Uri: //[::1/echo/x")
+    reader, writer = await opened(gw)
+    try:
+        writer.write(nginx + traefik + traefik_check(issued.secret))
+        mapped, refused, allowed = [await answer(reader) for _ in range(3)]
+    finally:
+        writer.transport.abort()
+    assert mapped.status == 403 and mapped.headers["x-keygate-status"] == "400"
+    assert refused.status == 400
+    assert "target is not a valid URL" in refused.problem()["detail"]
+    assert allowed.status == 200  # the connection was kept: the refusals were ordinary
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
