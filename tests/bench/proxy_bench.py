@@ -753,6 +753,7 @@ class WrkResult:
     # run; None where there is none or it is not this harness's own.
     keygate_us: float | None = None
     redis_us: float | None = None
+    machine_us: float | None = None  # every CPU's busy time (wrk, proxies, Redis, kernel)
 
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
@@ -798,8 +799,10 @@ def run_wrk(
 ) -> WrkResult:
     argv = procs.pinned("wrk", wrk_argv(target, connections, duration, threads))
     keygate_before, redis_before = cpu_seconds(target.keygate_pid), cpu_seconds(procs.redis_pid)
+    machine_before = machine_busy_seconds()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
     keygate_after, redis_after = cpu_seconds(target.keygate_pid), cpu_seconds(procs.redis_pid)
+    machine_after = machine_busy_seconds()
     if done.returncode != 0:
         raise BenchError(
             f"wrk exited with {done.returncode} on {target.name}:\n{done.stdout}{done.stderr}"
@@ -807,6 +810,7 @@ def run_wrk(
     result = parse_wrk(done.stdout)
     result.keygate_us = _per_request(keygate_before, keygate_after, result.requests)
     result.redis_us = _per_request(redis_before, redis_after, result.requests)
+    result.machine_us = _per_request(machine_before, machine_after, result.requests)
     procs.check_alive()
     problems = []
     if result.non_2xx:
@@ -832,6 +836,17 @@ def cpu_seconds(pid: int | None) -> float | None:
         return None
     fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all CPUs have spent busy so far (user, nice, system, irq, softirq,
+    steal in /proc/stat); None off Linux."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    ticks = sum(int(first[i]) for i in (1, 2, 3, 6, 7, 8))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _per_request(before: float | None, after: float | None, requests: int) -> float | None:
@@ -879,19 +894,25 @@ def cpu_table(targets: Sequence[Target], connections: Sequence[int], results: Re
     rounds): what a keygate core and a Redis core each serve, whatever else shares the
     machine."""
     lines = [
-        "| target | conns | keygate CPU µs/req | Redis CPU µs/req |",
-        "|---|---:|---:|---:|",
+        "| target | conns | keygate CPU µs/req | Redis CPU µs/req | all CPUs µs/req |",
+        "|---|---:|---:|---:|---:|",
     ]
     for c in connections:
         for t in targets:
             runs = results.get((t.name, c), [])
             keygate = [r.keygate_us for r in runs if r.keygate_us is not None]
             redis = [r.redis_us for r in runs if r.redis_us is not None]
-            if not keygate:
+            machine = [r.machine_us for r in runs if r.machine_us is not None]
+            if not machine:
                 continue
-            shown = f"{_median(redis):.1f}" if redis else "n/a"
-            lines.append(f"| {t.name} | {c} | {_median(keygate):.1f} | {shown} |")
+            lines.append(
+                f"| {t.name} | {c} | {_shown(keygate)} | {_shown(redis)} | {_shown(machine)} |"
+            )
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _shown(values: Sequence[float]) -> str:
+    return f"{_median(values):.1f}" if values else "n/a"
 
 
 # Requests/s against bare at 64 connections: issue 3's target for keygate, issue 4's for
@@ -938,6 +959,15 @@ def verdict(results: Results) -> list[str]:
                 f"{_median(auth_cpu):.1f} µs: a keygate core authorizes "
                 f"{_median(limits_cpu) / _median(auth_cpu):.2f}x the requests behind nginx "
                 "that it proxies itself"
+            )
+        auth_all = [a.machine_us - a.keygate_us for a in auth64 if a.machine_us and a.keygate_us]
+        limits_all = [k.machine_us for k in limits64 if k.machine_us]
+        if auth_all and limits_all:
+            lines.append(
+                f"- the machine's CPU per request: keygate+limits {_median(limits_all):.1f} µs; "
+                f"{NGINX_AUTH} without its keygate {_median(auth_all):.1f} µs, so where every "
+                "process shares these CPUs the req/s ratio stays under "
+                f"{_median(limits_all) / _median(auth_all):.2f} even for a check costing nothing"
             )
     for c in sorted({c for name, c in results if name == "keygate+limits"}):
         limited, plain = results.get(("keygate+limits", c), []), results.get(("keygate", c), [])
