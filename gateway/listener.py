@@ -25,6 +25,9 @@ gaps:
 - a malformed request gets a fixed RFC 9457 problem (400, 414 or 431) and one log line
   naming the exception class, never the request's bytes.
 
+The auth listener has its own server (gateway/forward_auth/wire.py) and applies the same
+limits there with ``ListenerGuard`` and the fixed answers below.
+
 Timeouts and refusals are counted in keygate_client_timeouts_total and
 keygate_client_connections_refused_total; keygate_client_connections shows the open ones.
 """
