@@ -89,7 +89,7 @@ async def serve(
                 # A worker serves what its supervisor bound at start; a listener added to
                 # the file since then waits for a restart.
                 for sock in listening.get(name, []):
-                    await web.SockSite(runner, sock).start()
+                    await web.SockSite(runner, sock, backlog=sockets.BACKLOG).start()
                 if runner.sites:
                     log.info("%s listener on %s", name, _bound(runner) or address)
             if auth is not None and listening.get("auth"):

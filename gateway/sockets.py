@@ -17,7 +17,12 @@ from collections.abc import Mapping
 from gateway.config.model import Address, Settings
 
 LISTENER_FDS_ENV = "KEYGATE_LISTENER_FDS"  # set in a worker: its inherited sockets
-BACKLOG = 128  # aiohttp's sites listen with this backlog too
+# Connections the kernel completes while the process is busy. A burst beyond it (nginx
+# opening auth connections past its keep-alive pool, clients reconnecting after a deploy)
+# loses its SYNs and waits a second for the retry; asyncio's and aiohttp's defaults (100,
+# 128) made that a one-second p99 behind nginx. The kernel caps it at net.core.somaxconn.
+# Every server built on these sockets must listen with it again: create_server re-listens.
+BACKLOG = 1024
 
 # Listener name (as server.serve names its runners) -> its sockets; a host that resolves
 # to several addresses gets one socket for each, as asyncio's create_server binds them.

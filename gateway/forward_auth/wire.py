@@ -60,6 +60,7 @@ from gateway.listener import (
 )
 from gateway.proxy.live import LiveProxy
 from gateway.proxy.llm import MAX_LLM_BODY
+from gateway.sockets import BACKLOG
 
 log = logging.getLogger("keygate.client")
 
@@ -610,7 +611,9 @@ class AuthListener:
         """Serve on ``sockets`` (bound and listening already)."""
         loop = asyncio.get_running_loop()
         for sock in sockets:
-            server = await loop.create_server(lambda: AuthConnection(self), sock=sock)
+            server = await loop.create_server(
+                lambda: AuthConnection(self), sock=sock, backlog=BACKLOG
+            )
             self._servers.append(server)
 
     @property
