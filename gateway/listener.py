@@ -153,8 +153,8 @@ class ListenerGuard:
 
 _TITLES = {
     400: "Invalid request",
-    413: "Payload too large",
     408: "Request timeout",
+    413: "Payload too large",
     414: "URI too long",
     431: "Request headers too large",
     500: "Internal error",

@@ -438,13 +438,8 @@ class AuthConnection(asyncio.Protocol):
     async def _answer(self, request: _Request) -> None:
         close = not request.keep_alive or (self._close_after_queue and not self._queue)
         try:
-            try:
-                response = await self._listener.handler.handle(_Incoming(self, request))
-            except ValueError:  # yarl refused the target of a request to /v1/...
-                detail = "the request target is not a valid URL"
-                data, close = fixed_problem(400, "invalid_request", detail), True
-            else:
-                data = encode(response, head_only=request.head_only, close=close)
+            response = await self._listener.handler.handle(_Incoming(self, request))
+            data = encode(response, head_only=request.head_only, close=close)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a failure of keygate's own: a fixed 500, and logged
