@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from redis.asyncio import Redis
 
 from tests.cli.running import run
 from tests.conftest import MakeKey, bearer
@@ -337,3 +338,39 @@ async def test_workers_share_a_port_0_listener(
     issued = await make_key()
     assert await _statuses(port, issued.secret) == [200] * 20
     assert len(workers_of(process.pid)) == 2
+
+
+AUTH_LISTENING = re.compile(r"auth listener on 127\.0\.0\.1:(\d+)")
+
+
+async def test_workers_share_the_auth_listener_and_charge_each_check_once(
+    gateways: Gateways,
+    redis_url: str,
+    key_prefix: str,
+    make_key: MakeKey,
+    upstream_url: str,
+    redis: Redis,
+) -> None:
+    admin, auth = free_port(), free_port()
+    config = _gateway_config(
+        free_port(), admin, redis_url, key_prefix, upstream_url, auth_listen=f"{LOOPBACK}:{auth}"
+    )
+    config["routes"][0]["cost"] = {"fixed": 0.25}
+    process = await gateways.serving(gateways.config("gw", **config), 2, admin)
+    assert AUTH_LISTENING.findall(stderr(process)) == [str(auth)] * 2, stderr(process)
+    issued = await make_key()
+    checks = {"X-Original-Method": "GET", "X-Original-URI": "/up/x", **bearer(issued.secret)}
+    tokens = set()
+    connector = aiohttp.TCPConnector(force_close=True)  # a new connection, any worker, each
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for _ in range(40):
+            async with http.get(f"http://{LOOPBACK}:{auth}/auth/nginx", headers=checks) as answer:
+                assert answer.status == 200
+                tokens.add(answer.headers["X-Keygate-Request-Id"])
+    assert len(tokens) == 40  # a ledger entry each, whichever worker wrote it
+    spent = f"{key_prefix}u:{{{issued.record.id}}}:t"
+    for _ in range(100):  # settlements land within a turn or two of each answer
+        if int(await redis.get(spent) or 0) == 40 * 250_000:
+            break
+        await asyncio.sleep(0.05)
+    assert int(await redis.get(spent) or 0) == 40 * 250_000
