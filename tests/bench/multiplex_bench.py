@@ -22,6 +22,7 @@ from pathlib import Path
 
 import uvloop
 from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
 
 from gateway.embedded import EmbeddedRedis
 from gateway.store.multiplex import LuaScript, RedisMultiplexer
@@ -49,7 +50,12 @@ async def _bench(url: str, workers: int, seconds: float) -> None:
     source = resources.files("gateway.store").joinpath("lua", "authenticate.lua").read_text()
     record = f"kgbench{uuid.uuid4().hex[:8]}:k:{{{uuid.uuid4()}}}"
     digest = hashlib.sha256(b"bench-secret").hexdigest()
-    fields = {"hash": digest, "disabled": "0", "name": "bench", "scopes": '["chat:invoke"]'}
+    fields: dict[FieldT, EncodableT] = {  # hset's own mapping type (redis-py 8 checks it)
+        "hash": digest,
+        "disabled": "0",
+        "name": "bench",
+        "scopes": '["chat:invoke"]',
+    }
     fields |= {f"f{i}": "x" * 20 for i in range(12)}  # about a real record's size
 
     pooled = Redis.from_url(url, decode_responses=True, max_connections=workers)
