@@ -30,6 +30,7 @@ NOT_OPTIONS = frozenset(
         "KEYGATE_TEST_REDIS",
         "KEYGATE_TEST_REDIS_URL",
         "KEYGATE_FUZZ_EXAMPLES",
+        "KEYGATE_WIRE_FUZZ_EXAMPLES",
     )
 )
 # What Kubernetes puts in every pod for a Service named keygate or keygate-<x> (as the
