@@ -24,30 +24,11 @@ from gateway.store.record import MICRO
 from tests.conftest import MakeKey
 from tests.forward_auth.conftest import AuthGateway, StartAuth
 from tests.forward_auth.conftest import start_auth as start_auth
+from tests.forward_auth.test_auth_listener import ROUTES
+from tests.hostile.test_slowness import closed_by_server, counted
 from tests.proxy.conftest import LOOPBACK, Upstream
 
 SLACK = 1.0  # seconds beyond a configured timeout before a test calls the server late
-
-ROUTES: list[dict[str, Any]] = [
-    {
-        "name": "echo",
-        "prefix": "/echo",
-        "upstream": "demo",
-        "scopes": ["echo:read"],
-        "cost": {"fixed": 0.01},
-    },
-]
-
-
-def counted(gw: AuthGateway, name: str, **labels: str) -> float:
-    """One series of the process's metrics, 0 when absent."""
-    text = gw.proxy.metrics.exposition().decode()
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
-        if match and ",".join(sorted(match.group(1).split(","))) == wanted:
-            return float(match.group(2))
-    return 0.0
 
 
 async def connections_become(gw: AuthGateway, wanted: int) -> None:
@@ -90,19 +71,18 @@ async def answer(reader: asyncio.StreamReader, *, head_only: bool = False) -> An
     return parsed
 
 
-async def closed_by_server(reader: asyncio.StreamReader, within: float) -> bytes:
-    """Everything the server sends until it closes; fails if it has not closed ``within``
-    seconds."""
-    received = b""
-    async with asyncio.timeout(within):
-        with contextlib.suppress(ConnectionResetError):
-            while chunk := await reader.read(65536):
-                received += chunk
-    return received
-
-
 async def opened(gw: AuthGateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection(LOOPBACK, gw.port)
+
+
+async def one_check(gw: AuthGateway, secret: str | None) -> int:
+    """The status of one check on a connection of its own."""
+    reader, writer = await opened(gw)
+    try:
+        writer.write(traefik_check(secret))
+        return (await answer(reader)).status
+    finally:
+        writer.transport.abort()
 
 
 def traefik_check(secret: str | None, *, extra: str = "", version: str = "1.1") -> bytes:
@@ -361,12 +341,7 @@ async def test_malformed_heads_get_a_fixed_problem_that_echoes_nothing(
         assert secret.encode() not in refused.body
         assert "x-keygate-key-id" not in refused.headers
     # the listener is still well
-    reader, writer = await opened(gw)
-    try:
-        writer.write(traefik_check(issued.secret))
-        assert (await answer(reader)).status == 200
-    finally:
-        writer.transport.abort()
+    assert await one_check(gw, issued.secret) == 200
 
 
 async def test_a_malformed_request_behind_good_ones_is_answered_after_them(
@@ -522,12 +497,7 @@ async def test_clients_leaving_mid_check_leave_nothing_behind(
         writer.transport.abort()  # before any answer can come
 
     await asyncio.gather(*(leave() for _ in range(50)))
-    reader, writer = await opened(gw)
-    try:
-        writer.write(traefik_check(issued.secret))
-        assert (await answer(reader)).status == 200
-    finally:
-        writer.transport.abort()
+    assert await one_check(gw, issued.secret) == 200
     await connections_become(gw, 0)
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
@@ -565,12 +535,7 @@ async def test_the_upstream_is_never_reached_by_a_check(
 ) -> None:
     gw = await start_auth(routes=ROUTES)
     issued = await make_key(scopes=["echo:read"])
-    reader, writer = await opened(gw)
-    try:
-        writer.write(traefik_check(issued.secret))
-        assert (await answer(reader)).status == 200
-    finally:
-        writer.transport.abort()
+    assert await one_check(gw, issued.secret) == 200
     assert upstream.hits == []
 
 

@@ -15,7 +15,7 @@ import hashlib
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import pytest
@@ -24,6 +24,7 @@ from aiohttp import web
 from gateway.admin.app import build_admin_app
 from gateway.config.load import ConfigError, build
 from gateway.listener import connection_budget, operator_runner
+from gateway.proxy.service import Proxy
 from gateway.store.keystore import KeyStore
 from tests.conftest import MakeKey, bearer
 from tests.proxy.conftest import LOOPBACK, Gateway, ServeApp, StartGateway, Upstream
@@ -31,8 +32,14 @@ from tests.proxy.conftest import LOOPBACK, Gateway, ServeApp, StartGateway, Upst
 SLACK = 1.0  # seconds beyond a configured timeout before a test calls the server late
 
 
-def counted(gateway: Gateway, name: str, **labels: str) -> float:
-    """One series of the proxy's metrics, 0 when absent."""
+class Serving(Protocol):
+    """A gateway under test: the proxy listener's or the auth listener's."""
+
+    proxy: Proxy
+
+
+def counted(gateway: Serving, name: str, **labels: str) -> float:
+    """One series of the process's metrics, 0 when absent."""
     text = gateway.proxy.metrics.exposition().decode()
     wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     for line in text.splitlines():
@@ -267,7 +274,9 @@ async def narrow_gateway(start_gateway: StartGateway, upstream: Upstream) -> Gat
 
 
 async def test_a_dripped_upload_gets_408_and_frees_the_upstream_for_another_tenant(
-    start_gateway: StartGateway, upstream: Upstream, make_key: MakeKey,
+    start_gateway: StartGateway,
+    upstream: Upstream,
+    make_key: MakeKey,
     http: aiohttp.ClientSession,
 ) -> None:
     gateway = await narrow_gateway(start_gateway, upstream)
@@ -353,7 +362,9 @@ async def test_a_slow_upload_that_keeps_its_rate_is_served(
 
 
 async def test_an_upload_keygate_is_not_reading_yet_is_not_the_clients_fault(
-    start_gateway: StartGateway, upstream: Upstream, make_key: MakeKey,
+    start_gateway: StartGateway,
+    upstream: Upstream,
+    make_key: MakeKey,
     http: aiohttp.ClientSession,
 ) -> None:
     gateway = await narrow_gateway(start_gateway, upstream)
